@@ -1,0 +1,114 @@
+"""Checkpoints: written atomically, read with ``weights_only=True``, checked against the config.
+
+Two kinds of file:
+
+* a *training checkpoint* (``models/checkpoint.pt``) holds everything needed to resume exactly:
+  model, EMA, optimizer, LR scheduler, step, epoch, RNG states, loss history and the config;
+* a *model file* (``models/model.pt``) holds what sampling needs: the EMA weights, the config that
+  built the network and the dataset geometry.
+
+Both are plain dicts of tensors and Python scalars, so ``torch.load(..., weights_only=True)`` reads
+them and a crafted pickle is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffusion_core.config import Config, ConfigError, config_from_dict
+from diffusion_core.diffusion import GaussianDiffusion
+from diffusion_core.unet import UNet
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, unreadable or does not match; the message names the file."""
+
+
+def save_atomic(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename over ``path``.
+
+    A crash mid-write leaves the previous file intact: the rename is atomic on POSIX.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_file(path: str | Path, kind: str) -> dict[str, Any]:
+    """Load a checkpoint or model file safely; a one-line error names the file when it is bad."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: {kind} not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - truncated zip, crafted pickle, ...
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: not a readable {kind} ({reason[:200]})") from None
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT_VERSION or "config" not in obj:
+        raise CheckpointError(f"{path}: not a {kind} written by this version of diffusion_core")
+    return obj
+
+
+def config_of(obj: dict[str, Any], path: str | Path) -> Config:
+    try:
+        return config_from_dict(obj["config"])
+    except ConfigError as exc:
+        raise CheckpointError(f"{path}: its stored config is invalid ({exc})") from None
+
+
+def check_same_architecture(stored: Config, current: Config, path: str | Path) -> None:
+    """Refuse a file whose network or diffusion settings differ from the current config."""
+    for group in ("model", "diffusion"):
+        a, b = getattr(stored, group).__dict__, getattr(current, group).__dict__
+        for key in a:
+            if a[key] != b[key]:
+                raise CheckpointError(
+                    f"{path}: was trained with {group}.{key}={a[key]!r} but params say {b[key]!r}"
+                )
+    if stored.data.source != current.data.source:
+        raise CheckpointError(
+            f"{path}: was trained on data.source={stored.data.source!r} but params say {current.data.source!r}"
+        )
+
+
+def build_model(cfg: Config, data_info: dict[str, Any]) -> tuple[UNet, GaussianDiffusion]:
+    model = UNet.from_config(cfg.model, data_info["channels"], data_info["size"], len(data_info["class_names"]))
+    diffusion = GaussianDiffusion.from_config(cfg.diffusion, len(data_info["class_names"]))
+    return model, diffusion
+
+
+def save_model(path: str | Path, ema_state: dict[str, torch.Tensor], cfg: Config, data_info: dict[str, Any], meta: dict[str, Any]) -> None:
+    save_atomic(
+        {"format": FORMAT_VERSION, "model": ema_state, "config": cfg.to_dict(), "data": data_info, "meta": meta},
+        path,
+    )
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", expect: Config | None = None):
+    """Read a model file -> (model in eval mode, diffusion, config, data_info, meta)."""
+    obj = load_file(path, "model file")
+    cfg = config_of(obj, path)
+    if expect is not None:
+        check_same_architecture(cfg, expect, path)
+    model, diffusion = build_model(cfg, obj["data"])
+    try:
+        model.load_state_dict(obj["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not fit the network ({str(exc).splitlines()[0]})") from None
+    return model.to(device).eval(), diffusion.to(device), cfg, obj["data"], obj.get("meta", {})

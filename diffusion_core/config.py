@@ -1,0 +1,334 @@
+"""One typed configuration for the whole product, read from ``params.yaml``.
+
+Every pipeline stage reads the same file through :func:`load_config`. The file is grouped by stage
+(``data``, ``model``, ``diffusion``, ``train``, ``sample``, ``clip``, ``report``) plus a top-level
+``seed``. Loading checks, once and before any expensive work:
+
+* unknown keys (typos are errors, with a suggestion),
+* types (``train.lr: "fast"`` is an error; ints are accepted where floats are expected),
+* ranges and cross-field rules (``sample.steps <= diffusion.timesteps`` ...).
+
+Each problem is reported as a :class:`ConfigError` with a one-line message that names the key, e.g.
+``train.lr must be > 0, got -1``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad value in the configuration; the message names the key."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The groups
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    source: str = "mnist-5k"  # a name from diffusion_core.data.DATASETS
+    root: str = "data/raw"  # where torchvision datasets are found or downloaded to
+    download: bool = True  # allow torchvision to download when the files are missing
+    val_fraction: float = 0.1  # of the training pool, held out for validation loss
+    test_fraction: float = 0.1  # only for sources without an official test split
+    limit: int = 0  # keep at most this many training images (0 = all); for quick runs
+
+
+@dataclass
+class ModelConfig:
+    base_channels: int = 32
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])
+    num_res_blocks: int = 1
+    attention_resolutions: list[int] = field(default_factory=lambda: [7])
+    num_heads: int = 4
+    time_embed_mult: int = 4  # time/class embedding width = base_channels * time_embed_mult
+    dropout: float = 0.0
+    norm_groups: int = 8
+
+
+@dataclass
+class DiffusionConfig:
+    timesteps: int = 1000
+    schedule: str = "linear"  # linear (Ho et al. 2020) | cosine (Nichol & Dhariwal 2021)
+    beta_start: float = 1e-4  # linear schedule only
+    beta_end: float = 0.02  # linear schedule only
+    prediction: str = "eps"  # eps | v
+    loss_weighting: str = "none"  # none | min_snr
+    min_snr_gamma: float = 5.0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    lr_schedule: str = "cosine"  # cosine | constant (after warmup)
+    grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
+    ema_decay: float = 0.999
+    cond_drop_prob: float = 0.1  # probability of replacing the label by the null class
+    checkpoint_every: int = 500  # steps between checkpoints (and one at the end of each epoch)
+    grid_sampler: str = "ddim"  # sampler of the per-epoch fixed-noise grid
+    grid_steps: int = 20
+    grid_per_class: int = 4
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    num_threads: int = 0  # torch CPU threads; 0 = torch's default
+
+
+@dataclass
+class SampleConfig:
+    per_class: int = 50
+    sampler: str = "ddim"  # ddpm | ddim | dpm++2m
+    steps: int = 20  # ignored by ddpm, which always takes diffusion.timesteps steps
+    eta: float = 0.0  # DDIM stochasticity (0 = deterministic DDIM, 1 ~ DDPM)
+    guidance_scale: float = 3.0  # w in eps = eps_c + w (eps_c - eps_u); 0 = purely conditional
+    batch_size: int = 250
+    trajectory_per_class: int = 16  # digits per class whose reverse process is recorded
+    trajectory_points: int = 11  # recorded points along the reverse process (0%, 10%, ... 100%)
+
+
+@dataclass
+class ClipConfig:
+    models: list[str] = field(default_factory=lambda: ["digit-clip"])
+    batch_size: int = 256
+
+
+@dataclass
+class ReportConfig:
+    log_scale_loss: bool = True
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """``{"train.lr": 0.002, ...}``: the form MLflow params and DVC use."""
+        out: dict[str, Any] = {}
+        for key, value in self.to_dict().items():
+            if isinstance(value, dict):
+                out.update({f"{key}.{k}": v for k, v in value.items()})
+            else:
+                out[key] = value
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing
+# ---------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (ints widened to floats)."""
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list of {_type_name(item_tp)}, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            # YAML reads "1e-3" (no dot) as a string; accept numeric strings like it.
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp} for {key}")  # programming error
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'params'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            full = f"{prefix}.{key}" if prefix else str(key)
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{prefix + '.' if prefix else ''}{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown key '{full}'{hint}")
+    kwargs = {}
+    for name in names:
+        if name not in raw:
+            continue
+        tp = hints[name]
+        full = f"{prefix}.{name}" if prefix else name
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, raw[name], full)
+        else:
+            kwargs[name] = _coerce(full, raw[name], tp)
+    return cls(**kwargs)
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> Config:
+    """Range and cross-field checks. Raises :class:`ConfigError` naming the key."""
+    # Imported here: these modules import config themselves.
+    from diffusion_core.data import DATASETS
+    from diffusion_core.samplers import SAMPLERS
+
+    d, m, df, t, s, c = cfg.data, cfg.model, cfg.diffusion, cfg.train, cfg.sample, cfg.clip
+    _check(d.source in DATASETS, f"data.source must be one of {sorted(DATASETS)}, got {d.source!r}")
+    _check(0 < d.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
+    _check(0 < d.test_fraction < 1, f"data.test_fraction must be in (0, 1), got {d.test_fraction}")
+    _check(d.val_fraction + d.test_fraction < 1, "data.val_fraction + data.test_fraction must be < 1")
+    _check(d.limit >= 0, f"data.limit must be >= 0, got {d.limit}")
+
+    _check(m.base_channels > 0, f"model.base_channels must be > 0, got {m.base_channels}")
+    _check(len(m.channel_mult) > 0, "model.channel_mult must not be empty")
+    for i, mult in enumerate(m.channel_mult):
+        _check(mult > 0, f"model.channel_mult[{i}] must be > 0, got {mult}")
+    _check(m.num_res_blocks > 0, f"model.num_res_blocks must be > 0, got {m.num_res_blocks}")
+    _check(m.num_heads > 0, f"model.num_heads must be > 0, got {m.num_heads}")
+    _check(m.time_embed_mult > 0, f"model.time_embed_mult must be > 0, got {m.time_embed_mult}")
+    _check(0 <= m.dropout < 1, f"model.dropout must be in [0, 1), got {m.dropout}")
+    _check(m.norm_groups > 0, f"model.norm_groups must be > 0, got {m.norm_groups}")
+    for mult in m.channel_mult:
+        ch = m.base_channels * mult
+        _check(
+            ch % m.norm_groups == 0,
+            f"model.norm_groups ({m.norm_groups}) must divide every width, {ch} is not divisible",
+        )
+        _check(ch % m.num_heads == 0, f"model.num_heads ({m.num_heads}) must divide width {ch}")
+    size = DATASETS[d.source].size
+    resolutions = unet_resolutions(size, len(m.channel_mult))
+    _check(
+        resolutions is not None,
+        f"model.channel_mult has {len(m.channel_mult)} levels, but {size}x{size} images "
+        f"cannot be halved {len(m.channel_mult) - 1} times evenly",
+    )
+    for r in m.attention_resolutions:
+        _check(
+            r in resolutions,
+            f"model.attention_resolutions: {r} is not a resolution of this network "
+            f"(it has {resolutions})",
+        )
+
+    _check(df.timesteps >= 2, f"diffusion.timesteps must be >= 2, got {df.timesteps}")
+    _check(df.schedule in ("linear", "cosine"), f"diffusion.schedule must be 'linear' or 'cosine', got {df.schedule!r}")
+    _check(0 < df.beta_start < df.beta_end < 1, "diffusion.beta_start and beta_end must satisfy 0 < beta_start < beta_end < 1")
+    _check(df.prediction in ("eps", "v"), f"diffusion.prediction must be 'eps' or 'v', got {df.prediction!r}")
+    _check(df.loss_weighting in ("none", "min_snr"), f"diffusion.loss_weighting must be 'none' or 'min_snr', got {df.loss_weighting!r}")
+    _check(df.min_snr_gamma > 0, f"diffusion.min_snr_gamma must be > 0, got {df.min_snr_gamma}")
+
+    _check(t.epochs > 0, f"train.epochs must be > 0, got {t.epochs}")
+    _check(t.batch_size > 0, f"train.batch_size must be > 0, got {t.batch_size}")
+    _check(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
+    _check(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
+    _check(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
+    _check(t.lr_schedule in ("cosine", "constant"), f"train.lr_schedule must be 'cosine' or 'constant', got {t.lr_schedule!r}")
+    _check(t.grad_clip >= 0, f"train.grad_clip must be >= 0, got {t.grad_clip}")
+    _check(0 <= t.ema_decay < 1, f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+    _check(0 <= t.cond_drop_prob < 1, f"train.cond_drop_prob must be in [0, 1), got {t.cond_drop_prob}")
+    _check(t.checkpoint_every > 0, f"train.checkpoint_every must be > 0, got {t.checkpoint_every}")
+    _check(t.grid_sampler in SAMPLERS, f"train.grid_sampler must be one of {sorted(SAMPLERS)}, got {t.grid_sampler!r}")
+    _check(1 <= t.grid_steps <= df.timesteps, f"train.grid_steps must be in [1, diffusion.timesteps={df.timesteps}], got {t.grid_steps}")
+    _check(t.grid_per_class > 0, f"train.grid_per_class must be > 0, got {t.grid_per_class}")
+    _check(
+        t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"),
+        f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}",
+    )
+    _check(t.num_threads >= 0, f"train.num_threads must be >= 0, got {t.num_threads}")
+
+    _check(s.per_class > 0, f"sample.per_class must be > 0, got {s.per_class}")
+    _check(s.sampler in SAMPLERS, f"sample.sampler must be one of {sorted(SAMPLERS)}, got {s.sampler!r}")
+    _check(
+        1 <= s.steps <= df.timesteps,
+        f"sample.steps must be in [1, diffusion.timesteps={df.timesteps}], got {s.steps}",
+    )
+    _check(0 <= s.eta <= 1, f"sample.eta must be in [0, 1], got {s.eta}")
+    _check(s.guidance_scale >= 0, f"sample.guidance_scale must be >= 0, got {s.guidance_scale}")
+    _check(s.batch_size > 0, f"sample.batch_size must be > 0, got {s.batch_size}")
+    _check(s.trajectory_per_class >= 0, f"sample.trajectory_per_class must be >= 0, got {s.trajectory_per_class}")
+    _check(s.trajectory_points >= 2, f"sample.trajectory_points must be >= 2, got {s.trajectory_points}")
+
+    _check(len(c.models) > 0, "clip.models must list at least one model")
+    _check(c.batch_size > 0, f"clip.batch_size must be > 0, got {c.batch_size}")
+    return cfg
+
+
+def unet_resolutions(size: int, levels: int) -> list[int] | None:
+    """Feature-map sizes of a U-Net with ``levels`` levels on ``size``x``size`` inputs.
+
+    Returns None when the image cannot be halved ``levels - 1`` times evenly (the decoder's
+    upsampling would then not return to the input size, e.g. 7 -> 4 -> 8).
+    """
+    out = [size]
+    for _ in range(levels - 1):
+        if out[-1] % 2:
+            return None
+        out.append(out[-1] // 2)
+    return out
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    return validate(_build(Config, raw, ""))
+
+
+def load_config(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Config:
+    """Read, type-check and validate ``params.yaml``; ``overrides`` are dotted keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML ({first})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: must hold a mapping of groups, got {type(raw).__name__}")
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    try:
+        return config_from_dict(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None

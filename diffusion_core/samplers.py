@@ -1,0 +1,241 @@
+"""Samplers that share one trained network, and classifier-free guidance.
+
+As in diffusers, a scheduler is a small object: ``set_timesteps(n)`` chooses the timesteps it visits
+and ``step(eps, x0, t, s, x_t)`` moves from timestep t to the earlier timestep s (s = -1 means the
+clean image, alpha_bar = 1). The network, the noise schedule (:class:`GaussianDiffusion`) and the
+sampler stay apart; :func:`sample` ties them together.
+
+Classifier-free guidance convention (Ho & Salimans 2022):
+
+    eps = eps_cond + w * (eps_cond - eps_uncond)  =  eps_uncond + (1 + w) * (eps_cond - eps_uncond)
+
+so ``w = 0`` is exactly the purely conditional model (one forward pass), and larger w pushes
+samples towards their class. Conditional and unconditional outputs come from one batched pass.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from diffusion_core.diffusion import GaussianDiffusion
+
+
+def trailing_timesteps(timesteps: int, num_steps: int) -> torch.Tensor:
+    """``num_steps`` descending timesteps ending near 0 and starting at T-1 ("trailing" spacing)."""
+    if not 1 <= num_steps <= timesteps:
+        raise ValueError(f"sample.steps must be in [1, {timesteps}], got {num_steps}")
+    ts = torch.round(torch.arange(timesteps, 0, -timesteps / num_steps, dtype=torch.float64)).long() - 1
+    return ts[:num_steps]
+
+
+class Scheduler:
+    """Base class: holds alpha_bar (float64, on CPU) and the visited timesteps."""
+
+    name = "base"
+    stochastic = False
+
+    def __init__(self, diffusion: GaussianDiffusion, num_steps: int | None = None) -> None:
+        self.T = diffusion.timesteps
+        self.alpha_bar = diffusion.alpha_bar.detach().double().cpu()
+        self.set_timesteps(num_steps or self.T)
+
+    def set_timesteps(self, num_steps: int) -> None:
+        self.timesteps = trailing_timesteps(self.T, num_steps)
+        self.prev_timesteps = torch.cat([self.timesteps[1:], torch.tensor([-1])])
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget multistep history (called at the start of every sampling run)."""
+
+    def ab(self, t: int) -> float:
+        return 1.0 if t < 0 else float(self.alpha_bar[t])
+
+    def step(self, eps: torch.Tensor, x0: torch.Tensor, t: int, s: int, x_t: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class DDPMScheduler(Scheduler):
+    """Ancestral sampling from the posterior q(x_s | x_t, x0) (Ho et al. 2020, Algorithm 2).
+
+    With s = t - 1 this is the paper's sampler with sigma_t^2 = beta_tilde_t; the same formula is the
+    exact posterior for any s < t, so respaced schedules work too.
+    """
+
+    name = "ddpm"
+    stochastic = True
+
+    def step(self, eps, x0, t, s, x_t, noise):
+        ab_t, ab_s = self.ab(t), self.ab(s)
+        beta_ts = 1.0 - ab_t / ab_s
+        mean = (math.sqrt(ab_s) * beta_ts / (1 - ab_t)) * x0 + (math.sqrt(1 - beta_ts) * (1 - ab_s) / (1 - ab_t)) * x_t
+        if s < 0 or noise is None:
+            return mean
+        var = (1 - ab_s) / (1 - ab_t) * beta_ts
+        return mean + math.sqrt(var) * noise
+
+
+class DDIMScheduler(Scheduler):
+    """Song et al. (2021): x_s = sqrt(ab_s) x0 + sqrt(1 - ab_s - sigma^2) eps + sigma z,
+    sigma = eta sqrt((1 - ab_s) / (1 - ab_t)) sqrt(1 - ab_t / ab_s). eta = 0 is deterministic."""
+
+    name = "ddim"
+
+    def __init__(self, diffusion: GaussianDiffusion, num_steps: int | None = None, eta: float = 0.0) -> None:
+        self.eta = eta
+        self.stochastic = eta > 0
+        super().__init__(diffusion, num_steps)
+
+    def step(self, eps, x0, t, s, x_t, noise):
+        ab_t, ab_s = self.ab(t), self.ab(s)
+        sigma = self.eta * math.sqrt((1 - ab_s) / (1 - ab_t)) * math.sqrt(1 - ab_t / ab_s)
+        x_s = math.sqrt(ab_s) * x0 + math.sqrt(max(1 - ab_s - sigma**2, 0.0)) * eps
+        if sigma > 0 and noise is not None:
+            x_s = x_s + sigma * noise
+        return x_s
+
+
+class DPMSolverPP2MScheduler(Scheduler):
+    """DPM-Solver++(2M) (Lu et al. 2022), the multistep second-order data-prediction solver.
+
+    With lambda = log(alpha / sigma), h = lambda_s - lambda_t:
+        x_s = (sigma_s / sigma_t) x_t - alpha_s (e^{-h} - 1) D,
+        D = x0_t (first step)  or  (1 + 1/(2r)) x0_t - 1/(2r) x0_prev,  r = h_prev / h.
+    The final step to the clean image returns the data prediction (first order, as diffusers'
+    ``lower_order_final``).
+    """
+
+    name = "dpm++2m"
+
+    def reset(self) -> None:
+        self._x0_prev: torch.Tensor | None = None
+        self._h_prev: float | None = None
+
+    def _lambda(self, ab: float) -> float:
+        return 0.5 * math.log(ab / (1 - ab))
+
+    def step(self, eps, x0, t, s, x_t, noise):
+        if s < 0:
+            return x0
+        ab_t, ab_s = self.ab(t), self.ab(s)
+        alpha_s, sigma_s, sigma_t = math.sqrt(ab_s), math.sqrt(1 - ab_s), math.sqrt(1 - ab_t)
+        h = self._lambda(ab_s) - self._lambda(ab_t)
+        if self._x0_prev is None:
+            d = x0
+        else:
+            r = self._h_prev / h
+            d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * self._x0_prev
+        self._x0_prev, self._h_prev = x0, h
+        return (sigma_s / sigma_t) * x_t - alpha_s * math.expm1(-h) * d
+
+
+SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm++2m": DPMSolverPP2MScheduler}
+
+
+def make_scheduler(name: str, diffusion: GaussianDiffusion, steps: int | None = None, eta: float = 0.0) -> Scheduler:
+    """``ddpm`` always visits all T timesteps; ``ddim`` and ``dpm++2m`` visit ``steps`` of them."""
+    if name not in SAMPLERS:
+        raise ValueError(f"sample.sampler must be one of {sorted(SAMPLERS)}, got {name!r}")
+    if name == "ddpm":
+        return DDPMScheduler(diffusion, diffusion.timesteps)
+    if name == "ddim":
+        return DDIMScheduler(diffusion, steps, eta=eta)
+    return DPMSolverPP2MScheduler(diffusion, steps)
+
+
+def guided_output(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor, w: float, null_class: int) -> torch.Tensor:
+    """Classifier-free guided network output, eps_c + w (eps_c - eps_u), in one batched pass.
+
+    Guidance is applied to the raw output (eps or v): both are affine in the same x_t with weights
+    that sum to one, so guiding v equals guiding eps.
+    """
+    if w == 0:
+        return model(x_t, t, y)
+    out = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null_class)]))
+    cond, uncond = out.chunk(2)
+    return cond + w * (cond - uncond)
+
+
+@dataclass
+class Trajectory:
+    """The reverse process at chosen points. ``fraction`` 0 is pure noise, 1 the final image."""
+
+    fraction: torch.Tensor  # [K] share of the sampler's steps done
+    timestep: torch.Tensor  # [K] t of x_t at that point (-1 = clean)
+    x_t: torch.Tensor  # [K, B, C, H, W]
+    x0: torch.Tensor  # [K, B, C, H, W] the network's predicted clean image at that point
+
+
+@dataclass
+class SampleResult:
+    images: torch.Tensor  # [B, C, H, W] in [-1, 1]
+    labels: torch.Tensor  # [B]
+    trajectory: Trajectory | None = field(default=None)
+
+
+def record_indices(num_steps: int, points: int) -> list[int]:
+    """Step indices 0..num_steps (inclusive) at ``points`` evenly spaced fractions of the process."""
+    return sorted({round(i * num_steps / (points - 1)) for i in range(points)})
+
+
+@torch.no_grad()
+def sample(
+    model: nn.Module,
+    diffusion: GaussianDiffusion,
+    scheduler: Scheduler,
+    labels: torch.Tensor,
+    guidance_scale: float = 0.0,
+    generator: torch.Generator | None = None,
+    shape: tuple[int, ...] | None = None,
+    x_T: torch.Tensor | None = None,
+    trajectory_points: int = 0,
+    clip_x0: bool = True,
+    progress: bool = False,
+) -> SampleResult:
+    """Draw ``len(labels)`` images of the requested classes.
+
+    Noise comes from ``generator`` on the CPU (then moved), so a seed gives the same images on any
+    device. ``labels`` may hold ``diffusion.null_class`` for unconditional samples. With
+    ``clip_x0`` the predicted clean image is clipped to [-1, 1] and eps recomputed from it.
+    """
+    device = next(model.parameters()).device
+    labels = labels.to(device)
+    if x_T is None:
+        if shape is None:
+            raise ValueError("sample() needs shape (C, H, W) or x_T")
+        x_T = torch.randn((len(labels), *shape), generator=generator)
+    x = x_T.to(device)
+    scheduler.reset()
+    n = len(scheduler.timesteps)
+    keep = set(record_indices(n, trajectory_points)) if trajectory_points else set()
+    rec_f, rec_t, rec_x, rec_x0 = [], [], [], []
+    steps = zip(scheduler.timesteps.tolist(), scheduler.prev_timesteps.tolist())
+    for i, (t, s) in enumerate(tqdm(list(steps), desc=f"{scheduler.name} sampling", disable=not progress, leave=False)):
+        tt = torch.full((len(labels),), t, device=device, dtype=torch.long)
+        out = guided_output(model, x, tt, labels, guidance_scale, diffusion.null_class).float()
+        eps, x0 = diffusion.eps_and_x0(out, x, tt)
+        if clip_x0:
+            x0 = x0.clamp(-1, 1)
+            a = diffusion.sqrt_alpha_bar[t]
+            eps = (x - a * x0) / diffusion.sqrt_one_minus_alpha_bar[t]
+        if i in keep:
+            rec_f.append(i / n), rec_t.append(t), rec_x.append(x.cpu()), rec_x0.append(x0.cpu())
+        noise = None
+        if scheduler.stochastic and s >= 0:
+            noise = torch.randn(x.shape, generator=generator).to(device)
+        x = scheduler.step(eps, x0, t, s, x, noise)
+    images = x.clamp(-1, 1)
+    traj = None
+    if keep:
+        rec_f.append(1.0), rec_t.append(-1), rec_x.append(images.cpu()), rec_x0.append(images.cpu())
+        traj = Trajectory(torch.tensor(rec_f), torch.tensor(rec_t), torch.stack(rec_x), torch.stack(rec_x0))
+    return SampleResult(images.cpu(), labels.cpu(), traj)
+
+
+def class_labels(num_classes: int, per_class: int) -> torch.Tensor:
+    """[0]*per_class + [1]*per_class + ... : one block (one grid row) per class."""
+    return torch.arange(num_classes).repeat_interleave(per_class)

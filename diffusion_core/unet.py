@@ -1,0 +1,231 @@
+"""The noise-prediction network eps_theta(x_t, t, y): a class-conditional U-Net.
+
+* sinusoidal time embedding -> MLP, plus a learned class embedding with one extra "null" class
+  (index ``num_classes``) for classifier-free guidance; their sum is projected and added to the
+  feature maps of every residual block;
+* an encoder of residual blocks and stride-2 downsampling, a middle block, and a decoder that
+  concatenates the encoder's feature maps (skip connections) before each of its residual blocks;
+* multi-head self-attention at the resolutions listed in ``attention_resolutions``.
+
+Sizes halve exactly at each level (28 -> 14 -> 7, 32 -> 16 -> 8) and nearest-neighbour upsampling
+doubles them back, so the output has the input's shape with no padding or cropping.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffusion_core.config import unet_resolutions
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Transformer-style embedding of (integer) timesteps: [B] -> [B, dim]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class ResBlock(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, groups: int, dropout: float) -> None:
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, out_ch)
+        self.norm2 = nn.GroupNorm(groups, out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.emb(emb)[:, :, None, None]  # time + class conditioning on every block
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, ch: int, heads: int, groups: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.GroupNorm(groups, ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = nn.Conv2d(ch, ch, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).unbind(1)
+        out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+
+
+class UNet(nn.Module):
+    def __init__(
+        self,
+        in_channels: int = 1,
+        image_size: int = 28,
+        num_classes: int = 10,
+        base_channels: int = 32,
+        channel_mult: tuple[int, ...] | list[int] = (1, 2, 2),
+        num_res_blocks: int = 1,
+        attention_resolutions: tuple[int, ...] | list[int] = (7,),
+        num_heads: int = 4,
+        time_embed_mult: int = 4,
+        dropout: float = 0.0,
+        norm_groups: int = 8,
+    ) -> None:
+        super().__init__()
+        resolutions = unet_resolutions(image_size, len(channel_mult))
+        if resolutions is None:
+            raise ValueError(
+                f"model.channel_mult: {image_size}x{image_size} cannot be halved {len(channel_mult) - 1} times evenly"
+            )
+        for r in attention_resolutions:
+            if r not in resolutions:
+                raise ValueError(f"model.attention_resolutions: {r} is not one of this network's resolutions {resolutions}")
+        self.in_channels = in_channels
+        self.image_size = image_size
+        self.num_classes = num_classes
+        self.resolutions = resolutions
+        self.base_channels = base_channels
+        emb_dim = base_channels * time_embed_mult
+        self.emb_dim = emb_dim
+        self.time_mlp = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.class_emb = nn.Embedding(num_classes + 1, emb_dim)  # last index = null class
+        attn = set(attention_resolutions)
+        widths = [base_channels * m for m in channel_mult]
+
+        self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+        self.down = nn.ModuleList()
+        skip_chs = [base_channels]
+        ch = base_channels
+        for level, (res, width) in enumerate(zip(resolutions, widths)):
+            for _ in range(num_res_blocks):
+                block = nn.ModuleList([ResBlock(ch, width, emb_dim, norm_groups, dropout)])
+                if res in attn:
+                    block.append(SelfAttention(width, num_heads, norm_groups))
+                self.down.append(block)
+                ch = width
+                skip_chs.append(ch)
+            if level < len(widths) - 1:
+                self.down.append(nn.ModuleList([nn.Conv2d(ch, ch, 3, stride=2, padding=1)]))
+                skip_chs.append(ch)
+
+        self.mid1 = ResBlock(ch, ch, emb_dim, norm_groups, dropout)
+        self.mid_attn = SelfAttention(ch, num_heads, norm_groups) if resolutions[-1] in attn else nn.Identity()
+        self.mid2 = ResBlock(ch, ch, emb_dim, norm_groups, dropout)
+
+        self.up = nn.ModuleList()
+        for level in reversed(range(len(widths))):
+            res, width = resolutions[level], widths[level]
+            for _ in range(num_res_blocks + 1):
+                block = nn.ModuleList([ResBlock(ch + skip_chs.pop(), width, emb_dim, norm_groups, dropout)])
+                if res in attn:
+                    block.append(SelfAttention(width, num_heads, norm_groups))
+                self.up.append(block)
+                ch = width
+            if level > 0:
+                self.up.append(nn.ModuleList([nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, ch, 3, padding=1)]))
+
+        self.norm_out = nn.GroupNorm(norm_groups, ch)
+        self.conv_out = nn.Conv2d(ch, in_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    @classmethod
+    def from_config(cls, cfg, in_channels: int, image_size: int, num_classes: int) -> "UNet":
+        return cls(
+            in_channels=in_channels,
+            image_size=image_size,
+            num_classes=num_classes,
+            base_channels=cfg.base_channels,
+            channel_mult=tuple(cfg.channel_mult),
+            num_res_blocks=cfg.num_res_blocks,
+            attention_resolutions=tuple(cfg.attention_resolutions),
+            num_heads=cfg.num_heads,
+            time_embed_mult=cfg.time_embed_mult,
+            dropout=cfg.dropout,
+            norm_groups=cfg.norm_groups,
+        )
+
+    def embed(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.time_mlp(sinusoidal_embedding(t, self.base_channels)) + self.class_emb(y)
+
+    @staticmethod
+    def _run(block: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        for layer in block:
+            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+        return h
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """eps (or v) prediction for noisy images x [B, C, H, W] at timesteps t [B] with labels y [B]."""
+        emb = self.embed(t, y)
+        h = self.conv_in(x)
+        hs = [h]
+        for block in self.down:
+            h = self._run(block, h, emb)
+            hs.append(h)
+        h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)
+        for block in self.up:
+            if isinstance(block[0], ResBlock):
+                h = torch.cat([h, hs.pop()], dim=1)
+            h = self._run(block, h, emb)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+    def describe(self) -> list[dict]:
+        """The architecture as table rows (one per stage), built from the modules themselves."""
+        rows = []
+
+        def add(stage: str, module: nn.Module, res: int) -> None:
+            convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
+            rows.append(
+                {
+                    "stage": stage,
+                    "resolution": f"{res}x{res}",
+                    "out_channels": convs[-1].out_channels if convs else None,
+                    "attention": any(isinstance(m, SelfAttention) for m in module.modules()),
+                    "params": sum(p.numel() for p in module.parameters()),
+                }
+            )
+
+        res = self.image_size
+        rows.append(
+            {
+                "stage": f"time + class embedding ({self.num_classes}+1 classes)",
+                "resolution": "-",
+                "out_channels": self.emb_dim,
+                "attention": False,
+                "params": sum(p.numel() for p in [*self.time_mlp.parameters(), *self.class_emb.parameters()]),
+            }
+        )
+        add("conv_in", self.conv_in, res)
+        for i, block in enumerate(self.down):
+            if isinstance(block[0], ResBlock):
+                add(f"down.{i} resblock", block, res)
+            else:
+                res //= 2
+                add(f"down.{i} downsample", block, res)
+        add("middle", nn.ModuleList([self.mid1, self.mid_attn, self.mid2]), res)
+        for i, block in enumerate(self.up):
+            if isinstance(block[0], ResBlock):
+                add(f"up.{i} resblock", block, res)
+            else:
+                res *= 2
+                add(f"up.{i} upsample", block, res)
+        add("conv_out", nn.ModuleList([self.norm_out, self.conv_out]), res)
+        return rows
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

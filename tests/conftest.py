@@ -1,0 +1,47 @@
+import gzip
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def mnist_root(tmp_path_factory) -> Path:
+    """Full MNIST laid out as torchvision expects (ROOT/MNIST/raw), from ../shared, no network."""
+    if not SHARED_MNIST.is_dir():
+        pytest.skip(f"{SHARED_MNIST} not present")
+    root = tmp_path_factory.mktemp("mnist_root")
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for gz in SHARED_MNIST.glob("*.gz"):
+        with gzip.open(gz, "rb") as src, open(raw / gz.name[:-3], "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    return root
+
+
+@pytest.fixture(scope="session")
+def mnist5k():
+    from diffusion_core.data import build_splits
+
+    return build_splits("mnist-5k", seed=0)
+
+
+TINY_MODEL = {"base_channels": 8, "channel_mult": [1, 2], "attention_resolutions": [14], "num_heads": 2, "norm_groups": 4}
+
+
+def tiny_config(**groups):
+    from diffusion_core.config import config_from_dict
+
+    raw = {"model": dict(TINY_MODEL), "diffusion": {"timesteps": 100}, "train": {"epochs": 2, "batch_size": 16, "grid_steps": 5, "grid_per_class": 1, "warmup_steps": 5, "checkpoint_every": 1000}}
+    for k, v in groups.items():
+        raw.setdefault(k, {}).update(v) if isinstance(v, dict) else raw.__setitem__(k, v)
+    return config_from_dict(raw)

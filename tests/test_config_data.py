@@ -1,0 +1,91 @@
+import numpy as np
+import pytest
+import torch
+
+from diffusion_core.config import Config, ConfigError, config_from_dict, load_config
+from diffusion_core.data import DataError, build_splits, load_split, save_splits, stratified_split, to_model_range, DATASETS
+
+
+@pytest.mark.parametrize(
+    "raw,message",
+    [
+        ({"train": {"lr": -1}}, "train.lr must be > 0, got -1"),
+        ({"train": {"batch_size": 0}}, "train.batch_size must be > 0"),
+        ({"train": {"lrr": 0.1}}, "unknown key 'train.lrr' (did you mean 'train.lr'?)"),
+        ({"trian": {}}, "unknown key 'trian' (did you mean 'train'?)"),
+        ({"train": {"epochs": "ten"}}, "train.epochs must be an integer"),
+        ({"train": {"lr": "fast"}}, "train.lr must be a number"),
+        ({"data": {"source": "imagenet"}}, "data.source must be one of"),
+        ({"sample": {"guidance_scale": -1}}, "sample.guidance_scale must be >= 0"),
+        ({"sample": {"steps": 2000}}, "sample.steps must be in [1, diffusion.timesteps=1000]"),
+        ({"sample": {"sampler": "euler"}}, "sample.sampler must be one of"),
+        ({"model": {"attention_resolutions": [5]}}, "model.attention_resolutions: 5 is not a resolution"),
+        ({"model": {"channel_mult": [1, 2, 2, 2]}}, "cannot be halved 3 times"),
+        ({"model": {"channel_mult": "1,2"}}, "model.channel_mult must be a list"),
+        ({"diffusion": {"schedule": "quadratic"}}, "diffusion.schedule must be"),
+        ({"diffusion": {"prediction": "x0"}}, "diffusion.prediction must be"),
+        ({"train": {"device": "tpu"}}, "train.device must be"),
+        ({"seed": 1.5}, "seed must be an integer"),
+        ({"train": {"ema_decay": 1.0}}, "train.ema_decay must be in [0, 1)"),
+    ],
+)
+def test_bad_config_names_the_key(raw, message):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(raw)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_defaults_valid_and_params_yaml_loads(tmp_path):
+    cfg = config_from_dict({})
+    assert cfg == Config()
+    assert cfg.flat()["train.lr"] == cfg.train.lr
+    p = tmp_path / "params.yaml"
+    p.write_text("seed: 3\ntrain:\n  lr: 1e-3\n")
+    cfg = load_config(p, overrides={"sample.steps": 10})
+    assert cfg.seed == 3 and cfg.train.lr == 1e-3 and cfg.sample.steps == 10
+    p.write_text("train: [1, 2")
+    with pytest.raises(ConfigError, match="params.yaml: not valid YAML"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_stratified_split_is_deterministic_and_disjoint():
+    labels = np.repeat(np.arange(10), 100)
+    a = stratified_split(labels, {"train": 0.0, "val": 0.1, "test": 0.2}, seed=5)
+    b = stratified_split(labels, {"train": 0.0, "val": 0.1, "test": 0.2}, seed=5)
+    c = stratified_split(labels, {"train": 0.0, "val": 0.1, "test": 0.2}, seed=6)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert not np.array_equal(a["val"], c["val"])
+    assert len(set(a["train"]) | set(a["val"]) | set(a["test"])) == 1000
+    assert np.bincount(labels[a["val"]]).tolist() == [10] * 10
+    assert len(a["test"]) == 200
+
+
+def test_mnist_5k_splits_and_round_trip(mnist5k, tmp_path):
+    sizes = {k: len(v["labels"]) for k, v in mnist5k.items()}
+    assert sizes == {"train": 4000, "val": 500, "test": 500}
+    x = to_model_range(mnist5k["train"]["images"])
+    assert x.shape[1:] == (1, 28, 28) and x.min() == -1 and x.max() == 1
+    stats = save_splits(mnist5k, tmp_path, DATASETS["mnist-5k"], seed=0)
+    assert stats["splits"]["val"]["per_class"] == [50] * 10
+    back = load_split(tmp_path, "test")
+    assert torch.equal(back["images"], mnist5k["test"]["images"])
+    (tmp_path / "val.pt").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="val.pt"):
+        load_split(tmp_path, "val")
+
+
+def test_full_mnist_through_torchvision_offline(mnist_root):
+    splits = build_splits("mnist", root=str(mnist_root), seed=0, val_fraction=0.1, download=False, limit=6000)
+    assert len(splits["test"]["labels"]) == 10000
+    assert abs(len(splits["val"]["labels"]) - 6000) <= 10  # 10% per class, rounded
+    assert abs(len(splits["train"]["labels"]) - 6000) <= 10
+    assert splits["test"]["images"].shape[1:] == (1, 28, 28)
+    assert torch.bincount(splits["test"]["labels"]).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
+def test_full_mnist_missing_files_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="data.root"):
+        build_splits("mnist", root=str(tmp_path), download=False)

@@ -1,0 +1,174 @@
+"""The maths: schedules, the forward process, the samplers and guidance."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from diffusion_core.diffusion import GaussianDiffusion
+from diffusion_core.samplers import (
+    SAMPLERS,
+    class_labels,
+    guided_output,
+    make_scheduler,
+    record_indices,
+    sample,
+    trailing_timesteps,
+)
+from diffusion_core.schedule import cosine_betas, linear_betas
+
+
+def test_linear_schedule_endpoints():
+    b = linear_betas(1000)
+    assert b[0].item() == pytest.approx(1e-4)
+    assert b[-1].item() == pytest.approx(0.02)
+    assert torch.all(b[1:] > b[:-1])
+
+
+def test_cosine_schedule_endpoints_and_closed_form():
+    T = 1000
+    b = cosine_betas(T)
+    ab = torch.cumprod(1 - b, 0)
+    s = 0.008
+    f = lambda t: math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
+    assert ab[0].item() == pytest.approx(f(1) / f(0), rel=1e-9)
+    assert ab[499].item() == pytest.approx(f(500) / f(0), rel=1e-9)
+    assert ab[-1].item() < 1e-4  # pure noise at t = T
+    assert b.max().item() <= 0.999
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_buffers_are_derived_and_move_with_module(schedule):
+    d = GaussianDiffusion(timesteps=100, schedule=schedule)
+    assert torch.allclose(d.alpha_bar, torch.cumprod(1 - d.beta_t, 0), atol=1e-6)
+    ab64 = torch.cumprod(1 - (linear_betas(100) if schedule == "linear" else cosine_betas(100)), 0)
+    assert torch.allclose(d.snr.double(), ab64 / (1 - ab64), rtol=1e-5)
+    names = dict(d.named_buffers())
+    assert {"alpha_bar", "snr", "beta_t"} <= set(names)
+    assert d.to(torch.float64).alpha_bar.dtype == torch.float64
+
+
+def test_q_sample_matches_closed_form():
+    d = GaussianDiffusion(timesteps=1000)
+    x0 = torch.rand(4, 1, 28, 28) * 2 - 1
+    eps = torch.randn_like(x0)
+    t = torch.tensor([0, 10, 500, 999])
+    ab = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+    expected = ab[t].sqrt().view(-1, 1, 1, 1) * x0 + (1 - ab[t]).sqrt().view(-1, 1, 1, 1) * eps
+    assert torch.allclose(d.q_sample(x0, t, eps), expected.float(), atol=1e-6)
+    # x_T is (almost) pure noise, x_0 (almost) clean.
+    assert torch.allclose(d.q_sample(x0, torch.full((4,), 999), eps), eps, atol=0.01)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_eps_and_x0_inverts_the_target(prediction):
+    d = GaussianDiffusion(timesteps=200, prediction=prediction)
+    x0 = torch.rand(6, 1, 8, 8) * 2 - 1
+    eps = torch.randn_like(x0)
+    t = torch.tensor([0, 1, 50, 100, 150, 199])
+    x_t = d.q_sample(x0, t, eps)
+    eps_hat, x0_hat = d.eps_and_x0(d.target(x0, t, eps), x_t, t)
+    assert torch.allclose(eps_hat, eps, atol=1e-3)
+    assert torch.allclose(x0_hat[1:], x0[1:], atol=1e-3)
+
+
+class Oracle(nn.Module):
+    """A 'network' that knows the clean images: returns the exact eps (or v) for any x_t."""
+
+    def __init__(self, diffusion, x0):
+        super().__init__()
+        self.d, self.x0 = diffusion, x0
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x_t, t, y):
+        x0 = self.x0[: len(x_t)] if len(x_t) == len(self.x0) else self.x0.repeat(2, 1, 1, 1)
+        a = self.d.sqrt_alpha_bar[t].view(-1, 1, 1, 1)
+        s = self.d.sqrt_one_minus_alpha_bar[t].view(-1, 1, 1, 1)
+        eps = (x_t - a * x0) / s
+        return self.d.target(x0, t, eps)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+@pytest.mark.parametrize("name,steps", [("ddpm", None), ("ddim", 10), ("dpm++2m", 10), ("ddim", 1)])
+def test_sampler_with_true_noise_oracle_recovers_x0(name, steps, prediction):
+    d = GaussianDiffusion(timesteps=200, prediction=prediction)
+    x0 = torch.rand(5, 1, 6, 6) * 1.8 - 0.9
+    sched = make_scheduler(name, d, steps)
+    res = sample(Oracle(d, x0), d, sched, torch.zeros(5, dtype=torch.long), 0.0,
+                 torch.Generator().manual_seed(0), shape=(1, 6, 6), trajectory_points=5)
+    assert torch.allclose(res.images, x0, atol=1e-3)
+    traj = res.trajectory
+    assert traj.fraction[0] == 0 and traj.fraction[-1] == 1
+    assert torch.allclose(traj.x0, x0.expand_as(traj.x0), atol=1e-2)  # the oracle's x0 is exact
+    assert traj.x_t.shape[:2] == (len(traj.fraction), 5)
+
+
+def test_ddpm_visits_every_timestep_and_others_visit_steps():
+    d = GaussianDiffusion(timesteps=50)
+    assert make_scheduler("ddpm", d, 10).timesteps.tolist() == list(range(49, -1, -1))
+    for name in ("ddim", "dpm++2m"):
+        ts = make_scheduler(name, d, 10).timesteps
+        assert len(ts) == 10 and ts[0] == 49 and torch.all(ts[1:] < ts[:-1])
+    assert trailing_timesteps(1000, 20)[-1] == 49
+    with pytest.raises(ValueError, match="sample.steps"):
+        trailing_timesteps(50, 51)
+    assert set(SAMPLERS) == {"ddpm", "ddim", "dpm++2m"}
+    assert record_indices(20, 11) == [0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20]
+
+
+def test_samplers_are_seeded_and_reproducible():
+    torch.manual_seed(0)
+    from diffusion_core.unet import UNet
+
+    model = UNet(base_channels=8, channel_mult=(1, 2), attention_resolutions=(), norm_groups=4).eval()
+    for p in model.parameters():
+        p.data.normal_(0, 0.05)
+    d = GaussianDiffusion(timesteps=50)
+    labels = class_labels(10, 1)
+    run = lambda seed, name: sample(model, d, make_scheduler(name, d, 5), labels, 2.0,  # noqa: E731
+                                    torch.Generator().manual_seed(seed), shape=(1, 28, 28)).images
+    for name in SAMPLERS:
+        assert torch.equal(run(1, name), run(1, name))
+        assert not torch.equal(run(1, name), run(2, name))
+
+
+def test_guidance_zero_is_the_conditional_output_and_w_mixes_in_one_pass():
+    torch.manual_seed(0)
+    from diffusion_core.unet import UNet
+
+    model = UNet(base_channels=8, channel_mult=(1, 2), attention_resolutions=(14,), num_heads=2, norm_groups=4).eval()
+    for p in model.parameters():
+        p.data.normal_(0, 0.05)
+    x = torch.randn(3, 1, 28, 28)
+    t = torch.tensor([5, 500, 900])
+    y = torch.tensor([1, 7, 3])
+    null = torch.full_like(y, 10)
+    calls = []
+    model.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
+    with torch.no_grad():
+        cond, uncond = model(x, t, y), model(x, t, null)
+        calls.clear()
+        assert torch.equal(guided_output(model, x, t, y, 0.0, 10), cond)
+        guided = guided_output(model, x, t, y, 3.0, 10)
+    assert calls == [3, 6]  # w = 0: one conditional pass; w > 0: one batched pass of 2B
+    assert not torch.allclose(cond, uncond)
+    assert torch.allclose(guided, cond + 3.0 * (cond - uncond), atol=1e-5)
+
+
+@pytest.mark.parametrize("prediction,weighting", [("eps", "none"), ("eps", "min_snr"), ("v", "min_snr")])
+def test_training_loss_and_min_snr_weights(prediction, weighting):
+    d = GaussianDiffusion(timesteps=100, prediction=prediction, loss_weighting=weighting, min_snr_gamma=5.0)
+    t = torch.arange(100)
+    w = d.loss_weights(t)
+    if weighting == "none":
+        assert torch.all(w == 1)
+    else:
+        snr = d.snr
+        expected = snr.clamp(max=5) / (snr if prediction == "eps" else snr + 1)
+        assert torch.allclose(w, expected)
+        assert w.max() <= 1.0 + 1e-6
+    model = Oracle(d, torch.zeros(4, 1, 6, 6))
+    # the oracle predicts perfectly: zero loss whatever the label dropout
+    loss = d(model, torch.zeros(4, 1, 6, 6), torch.zeros(4, dtype=torch.long), 0.5, torch.Generator().manual_seed(0))
+    assert loss.item() < 1e-8

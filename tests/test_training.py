@@ -1,0 +1,105 @@
+"""Training, checkpoints and exact resume on small real data."""
+
+import pickle
+
+import pytest
+import torch
+
+from diffusion_core.checkpoint import CheckpointError, load_file, load_model
+from diffusion_core.data import DATASETS
+from diffusion_core.trainer import Trainer, TrainingDiverged
+
+from conftest import tiny_config
+
+INFO = {"channels": 1, "size": 28, "class_names": list(DATASETS["mnist-5k"].class_names)}
+
+
+def small(splits, n_train=96, n_val=64):
+    return ({k: v[:n_train] for k, v in splits["train"].items()}, {k: v[:n_val] for k, v in splits["val"].items()})
+
+
+def test_resume_mid_run_gives_the_same_weights_as_an_uninterrupted_run(mnist5k, tmp_path):
+    cfg = tiny_config(train={"epochs": 3, "checkpoint_every": 4, "cond_drop_prob": 0.3}, model={"dropout": 0.1})
+    train, val = small(mnist5k)  # 96 images / batch 16 = 6 steps per epoch, 18 in all
+    full = Trainer(cfg, train, val, INFO, tmp_path / "a", progress=False)
+    res_full = full.fit(resume=False)
+    assert res_full.steps == 18
+
+    first = Trainer(cfg, train, val, INFO, tmp_path / "b", progress=False)
+    first.fit(resume=False, stop_after=8)  # mid-epoch 2; checkpoint written at step 8
+    assert load_file(tmp_path / "b" / "checkpoint.pt", "training checkpoint")["step"] == 8
+    del first
+    torch.manual_seed(1234)  # a fresh process: global RNG elsewhere
+    resumed = Trainer(cfg, train, val, INFO, tmp_path / "b", progress=False)
+    res_resumed = resumed.fit(resume=True)
+    assert res_resumed.steps == 18
+    for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    for a, b in zip(full.ema.state_dict().values(), resumed.ema.state_dict().values()):
+        assert torch.equal(a, b)
+    assert [r["loss"] for r in res_full.history.train] == [r["loss"] for r in res_resumed.history.train]
+    assert res_full.final_val_loss == res_resumed.final_val_loss
+
+
+def test_a_few_hundred_steps_lower_the_validation_loss(mnist5k, tmp_path):
+    cfg = tiny_config(train={"epochs": 1, "batch_size": 16, "lr": 3e-3, "ema_decay": 0.99})
+    train = {k: v[:3200] for k, v in mnist5k["train"].items()}  # 200 steps
+    val = {k: v[:200] for k, v in mnist5k["val"].items()}
+    tr = Trainer(cfg, train, val, INFO, tmp_path, progress=False)
+    before, _ = tr.validation_loss(tr.ema.module)
+    res = tr.fit(resume=False)
+    assert res.steps == 200
+    assert res.final_val_loss < 0.6 * before, (before, res.final_val_loss)
+    assert (tmp_path / "grids" / "epoch_001.png").is_file()
+    # the shipped model file samples with the same network
+    model, diffusion, cfg2, info, meta = load_model(tmp_path / "model.pt")
+    assert meta["steps"] == 200 and cfg2 == cfg and info == INFO
+    assert not any(len(r) != 4 for r in res.history.train)
+    assert len(res.val_loss_by_timestep) == 10
+    # high-noise bins are easier for eps-prediction than the cleanest bin
+    assert res.val_loss_by_timestep[0] > res.val_loss_by_timestep[-1]
+
+
+def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(mnist5k, tmp_path):
+    cfg = tiny_config(train={"epochs": 2, "checkpoint_every": 2})
+    train, val = small(mnist5k)
+    tr = Trainer(cfg, train, val, INFO, tmp_path, progress=False)
+    tr.fit(resume=False, stop_after=4)
+    good = (tmp_path / "checkpoint.pt").read_bytes()
+    with torch.no_grad():
+        next(tr.model.parameters()).fill_(float("nan"))
+    with pytest.raises(TrainingDiverged, match="last good checkpoint"):
+        tr.fit(resume=False)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == good
+
+
+def test_bad_checkpoints_are_refused_with_the_file_named(mnist5k, tmp_path):
+    cfg = tiny_config()
+    train, val = small(mnist5k)
+    tr = Trainer(cfg, train, val, INFO, tmp_path, progress=False)
+    tr.fit(resume=False, stop_after=1)
+    tr.save_checkpoint()
+    ckpt = tmp_path / "checkpoint.pt"
+
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(ckpt.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="truncated.pt"):
+        load_file(truncated, "training checkpoint")
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    crafted = tmp_path / "crafted.pt"
+    torch.save({"format": 1, "config": {}, "payload": Evil()}, crafted)
+    with pytest.raises(CheckpointError, match="crafted.pt"):
+        load_file(crafted, "training checkpoint")
+    crafted.write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(CheckpointError, match="crafted.pt"):
+        load_file(crafted, "training checkpoint")
+
+    other = Trainer(tiny_config(model={"base_channels": 16}), train, val, INFO, tmp_path / "o", progress=False)
+    with pytest.raises(CheckpointError, match="model.base_channels=8"):
+        other.load_checkpoint(ckpt)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_file(tmp_path / "missing.pt", "model file")
