@@ -81,6 +81,7 @@ class TrainConfig:
     grid_sampler: str = "ddim"  # sampler of the per-epoch fixed-noise grid
     grid_steps: int = 20
     grid_per_class: int = 4
+    grid_guidance: float = 3.0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     num_threads: int = 0  # torch CPU threads; 0 = torch's default
 
@@ -99,8 +100,24 @@ class SampleConfig:
 
 @dataclass
 class ClipConfig:
+    # judges: "digit-clip", "ARCH:PRETRAINED_TAG" (open_clip hub) or "ARCH:/path/to/weights"
     models: list[str] = field(default_factory=lambda: ["digit-clip"])
-    batch_size: int = 256
+    batch_size: int = 256  # images per CLIP forward pass
+    real_per_class: int = 100  # real held-out digits per class judged as the ceiling
+    # digit-clip, the small CLIP the train_clip stage trains on the training split
+    digit_clip_epochs: int = 15
+    digit_clip_batch_size: int = 64
+    digit_clip_lr: float = 2e-3
+    digit_clip_width: int = 64
+    digit_clip_layers: int = 2
+    digit_clip_embed_dim: int = 64
+
+
+@dataclass
+class SweepConfig:
+    guidance_scales: list[float] = field(default_factory=lambda: [0.0, 1.0, 2.0, 4.0])
+    samplers: list[str] = field(default_factory=lambda: ["ddim:10", "ddim:20", "dpm++2m:10", "dpm++2m:20"])  # name:steps
+    per_class: int = 10
 
 
 @dataclass
@@ -117,6 +134,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     clip: ClipConfig = field(default_factory=ClipConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -212,6 +230,14 @@ def validate(cfg: Config) -> Config:
     from diffusion_core.data import DATASETS
     from diffusion_core.samplers import SAMPLERS
 
+    w = cfg.sweep
+    _check(w.per_class > 0, f"sweep.per_class must be > 0, got {w.per_class}")
+    for i, g in enumerate(w.guidance_scales):
+        _check(g >= 0, f"sweep.guidance_scales[{i}] must be >= 0, got {g}")
+    for i, entry in enumerate(w.samplers):
+        name, _, steps = entry.partition(":")
+        _check(name in SAMPLERS and steps.isdigit() and 1 <= int(steps) <= cfg.diffusion.timesteps,
+               f"sweep.samplers[{i}] must be 'SAMPLER:STEPS' with SAMPLER in {sorted(SAMPLERS)} and 1 <= STEPS <= diffusion.timesteps, got {entry!r}")
     d, m, df, t, s, c = cfg.data, cfg.model, cfg.diffusion, cfg.train, cfg.sample, cfg.clip
     _check(d.source in DATASETS, f"data.source must be one of {sorted(DATASETS)}, got {d.source!r}")
     _check(0 < d.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
@@ -269,6 +295,7 @@ def validate(cfg: Config) -> Config:
     _check(t.grid_sampler in SAMPLERS, f"train.grid_sampler must be one of {sorted(SAMPLERS)}, got {t.grid_sampler!r}")
     _check(1 <= t.grid_steps <= df.timesteps, f"train.grid_steps must be in [1, diffusion.timesteps={df.timesteps}], got {t.grid_steps}")
     _check(t.grid_per_class > 0, f"train.grid_per_class must be > 0, got {t.grid_per_class}")
+    _check(t.grid_guidance >= 0, f"train.grid_guidance must be >= 0, got {t.grid_guidance}")
     _check(
         t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"),
         f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}",
@@ -289,6 +316,18 @@ def validate(cfg: Config) -> Config:
 
     _check(len(c.models) > 0, "clip.models must list at least one model")
     _check(c.batch_size > 0, f"clip.batch_size must be > 0, got {c.batch_size}")
+    _check(c.real_per_class > 0, f"clip.real_per_class must be > 0, got {c.real_per_class}")
+    for i, entry in enumerate(c.models):
+        _check(
+            entry == "digit-clip" or (":" in entry and all(entry.split(":", 1))),
+            f"clip.models[{i}] must be 'digit-clip', 'ARCH:PRETRAINED_TAG' or 'ARCH:/path/to/weights', got {entry!r}",
+        )
+    _check(c.digit_clip_epochs > 0, f"clip.digit_clip_epochs must be > 0, got {c.digit_clip_epochs}")
+    _check(c.digit_clip_batch_size > 1, f"clip.digit_clip_batch_size must be > 1, got {c.digit_clip_batch_size}")
+    _check(c.digit_clip_lr > 0, f"clip.digit_clip_lr must be > 0, got {c.digit_clip_lr}")
+    _check(c.digit_clip_width >= 16 and c.digit_clip_width % 16 == 0, f"clip.digit_clip_width must be a multiple of 16, got {c.digit_clip_width}")
+    _check(c.digit_clip_layers > 0, f"clip.digit_clip_layers must be > 0, got {c.digit_clip_layers}")
+    _check(c.digit_clip_embed_dim > 0, f"clip.digit_clip_embed_dim must be > 0, got {c.digit_clip_embed_dim}")
     return cfg
 
 

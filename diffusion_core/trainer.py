@@ -192,16 +192,33 @@ class Trainer:
     def save_checkpoint(self) -> None:
         save_atomic(self.state_dict(), self.checkpoint_path)
 
+    # Settings that do not change the trained weights: a checkpoint differing only in these resumes.
+    RESUME_IGNORES = {"train.device", "train.num_threads", "train.checkpoint_every", "data.root", "data.download"}
+
+    def resume_mismatch(self, path: str | Path | None = None) -> str | None:
+        """Why ``path`` (default: checkpoint.pt) cannot be resumed by this run; None if it can.
+
+        An unreadable file raises :class:`CheckpointError` (never silently overwritten).
+        """
+        path = Path(path or self.checkpoint_path)
+        obj = load_file(path, "training checkpoint")
+        stored = config_of(obj, path).flat()
+        current = self.cfg.flat()
+        for key, value in current.items():
+            if key.split(".")[0] in ("sample", "clip", "report") or key in self.RESUME_IGNORES:
+                continue
+            if key.startswith("train.grid_") or stored.get(key) == value:
+                continue
+            return f"{path} was written with {key}={stored.get(key)!r}, params say {value!r}"
+        return None
+
     def load_checkpoint(self, path: str | Path) -> None:
         obj = load_file(path, "training checkpoint")
         stored = config_of(obj, path)
         check_same_architecture(stored, self.cfg, path)
-        for key in ("epochs", "batch_size", "lr", "warmup_steps", "lr_schedule", "ema_decay", "cond_drop_prob"):
-            if getattr(stored.train, key) != getattr(self.cfg.train, key):
-                raise CheckpointError(
-                    f"{path}: was trained with train.{key}={getattr(stored.train, key)!r} but params say "
-                    f"{getattr(self.cfg.train, key)!r}; delete it to start over"
-                )
+        mismatch = self.resume_mismatch(path)
+        if mismatch:
+            raise CheckpointError(f"cannot resume: {mismatch}")
         try:
             self.model.load_state_dict(obj["model"])
             self.ema.load_state_dict(obj["ema"])
@@ -251,7 +268,7 @@ class Trainer:
         shape = (self.data_info["channels"], self.data_info["size"], self.data_info["size"])
         sched = make_scheduler(tc.grid_sampler, self.diffusion, tc.grid_steps)
         model = self.ema.module.eval()
-        res = sample(model, self.diffusion, sched, labels, self.cfg.sample.guidance_scale, g, shape=shape)
+        res = sample(model, self.diffusion, sched, labels, tc.grid_guidance, g, shape=shape)
         return save_grid(res.images, self.grid_path(epoch), nrow=tc.grid_per_class)
 
     # -- the loop -------------------------------------------------------------------------------

@@ -1,0 +1,146 @@
+"""digit-clip: a small CLIP trained offline on the training split, the pipeline's default judge.
+
+It is a real open_clip ``CLIP`` (a ViT image tower on 28x28 digits with 4x4 patches, a text
+transformer with open_clip's BPE tokenizer) trained with open_clip's ``ClipLoss`` on pairs of a
+digit and a caption drawn from :data:`DIGIT_TEMPLATES` for its class. Images get small random
+shifts so the judge does not depend on exact centring.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from diffusion_core.checkpoint import FORMAT_VERSION, load_file, save_atomic
+from diffusion_core.checkpoint import CheckpointError
+from diffusion_core.clip_judge import DIGIT_TEMPLATES, ClipJudge, class_prompts, to_clip_input
+from diffusion_core.data import to_model_range
+
+CONTEXT_LENGTH = 24
+
+
+def arch_config(image_size: int, width: int, layers: int, embed_dim: int) -> dict[str, Any]:
+    heads_width = max(16, width // 2)
+    return {
+        "embed_dim": embed_dim,
+        "vision_cfg": {"layers": layers, "width": width, "head_width": heads_width, "patch_size": 4, "image_size": image_size},
+        "text_cfg": {"context_length": CONTEXT_LENGTH, "vocab_size": 49408, "width": width, "heads": max(1, width // heads_width), "layers": layers},
+    }
+
+
+def build(arch: dict[str, Any]):
+    import open_clip
+    from open_clip.model import set_model_preprocess_cfg
+
+    model = open_clip.CLIP(arch["embed_dim"], arch["vision_cfg"], arch["text_cfg"])
+    size = arch["vision_cfg"]["image_size"]
+    preprocess = {"size": size, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bicubic", "resize_mode": "shortest"}
+    set_model_preprocess_cfg(model, preprocess)
+    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=CONTEXT_LENGTH)
+    return model, tokenizer, preprocess
+
+
+def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Translate each image by up to ``max_shift`` pixels each way (background = -1)."""
+    if max_shift == 0:
+        return x
+    n, c, h, w = x.shape
+    padded = F.pad(x, (max_shift,) * 4, value=-1.0)
+    dy = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w))[:, None, None, :]
+    return padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
+
+
+def train_digit_clip(
+    train: dict[str, torch.Tensor],
+    class_names: list[str],
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    width: int,
+    layers: int,
+    embed_dim: int,
+    seed: int,
+    max_shift: int = 2,
+    progress: bool = True,
+):
+    """Train digit-clip; returns (model, tokenizer, preprocess, arch, seconds)."""
+    from open_clip.loss import ClipLoss
+
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed + 5)
+    x_all = to_model_range(train["images"])
+    y_all = train["labels"]
+    arch = arch_config(x_all.shape[-1], width, layers, embed_dim)
+    model, tokenizer, preprocess = build(arch)
+    prompts = class_prompts(class_names)
+    n_t = len(prompts[0])
+    tokens = tokenizer([p for row in prompts for p in row])  # [K*T, L]
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    steps_per_epoch = max(1, len(y_all) // batch_size)
+    total = steps_per_epoch * epochs
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.1)
+    loss_fn = ClipLoss()
+    model.train()
+    t0 = time.perf_counter()
+    bar = tqdm(total=total, desc="train digit-clip", disable=not progress, dynamic_ncols=True)
+    for _ in range(epochs):
+        perm = torch.randperm(len(y_all), generator=g)
+        for i in range(steps_per_epoch):
+            idx = perm[i * batch_size : (i + 1) * batch_size]
+            y = y_all[idx]
+            x = random_shift(x_all[idx], max_shift, g)
+            template = torch.randint(0, n_t, (len(y),), generator=g)
+            text = tokens[y * n_t + template]
+            img_f, txt_f, scale = model(to_clip_input(x, preprocess), text)
+            loss = loss_fn(img_f, txt_f, scale)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, 4.6052)  # as in open_clip's training: scale <= 100
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    model.eval()
+    return model, tokenizer, preprocess, arch, time.perf_counter() - t0
+
+
+def save_digit_clip(path: str | Path, model, arch: dict, preprocess: dict, class_names: list[str], meta: dict) -> None:
+    save_atomic(
+        {
+            "format": FORMAT_VERSION,
+            "kind": "digit-clip",
+            "model": model.state_dict(),
+            "arch": arch,
+            "preprocess": {k: list(v) if isinstance(v, tuple) else v for k, v in preprocess.items()},
+            "class_names": class_names,
+            "templates": list(DIGIT_TEMPLATES),
+            "config": meta.get("config", {}),
+            "meta": {k: v for k, v in meta.items() if k != "config"},
+        },
+        path,
+    )
+
+
+def load_digit_clip(path: str | Path):
+    """-> (model in eval mode, tokenizer, preprocess)."""
+    obj = load_file(path, "digit-clip model (run the train_clip stage)")
+    if obj.get("kind") != "digit-clip":
+        raise CheckpointError(f"{path}: not a digit-clip model")
+    model, tokenizer, _ = build(obj["arch"])
+    model.load_state_dict(obj["model"])
+    preprocess = {k: tuple(v) if isinstance(v, list) else v for k, v in obj["preprocess"].items()}
+    return model.eval(), tokenizer, preprocess
+
+
+def judge_from_model(model, tokenizer, preprocess, device="cpu") -> ClipJudge:
+    return ClipJudge("digit-clip", model.eval(), tokenizer, preprocess, torch.device(device))

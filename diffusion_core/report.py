@@ -1,0 +1,243 @@
+"""Figures and text for the generated report (seaborn/matplotlib, saved as PNG).
+
+Every figure and sentence is made from the run's own files: nothing in the text is fixed except
+the explanations of what a quantity means.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+import torch  # noqa: E402
+
+sns.set_theme(style="whitegrid", context="notebook")
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _show(ax, img: np.ndarray) -> None:
+    """img [C, H, W] in [-1, 1] (or beyond, clipped)."""
+    img = np.clip((img + 1) / 2, 0, 1)
+    if img.shape[0] == 1:
+        ax.imshow(img[0], cmap="gray", vmin=0, vmax=1)
+    else:
+        ax.imshow(img.transpose(1, 2, 0))
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def forward_strip(x0: torch.Tensor, diffusion, timesteps: list[int], path: Path, seed: int = 0) -> Path:
+    """One real digit noised to each timestep, with alpha_bar and SNR under each."""
+    g = torch.Generator().manual_seed(seed)
+    eps = torch.randn(x0.shape, generator=g)
+    fig, axes = plt.subplots(1, len(timesteps), figsize=(1.5 * len(timesteps), 2.1))
+    for ax, t in zip(axes, timesteps):
+        tt = torch.tensor([t])
+        x_t = diffusion.q_sample(x0[None], tt, eps[None])[0]
+        _show(ax, x_t.numpy())
+        ab = float(diffusion.alpha_bar[t])
+        snr = float(diffusion.snr[t])
+        ax.set_title(f"t={t + 1}", fontsize=9)
+        ax.set_xlabel(f"ᾱ={ab:.3f}\nSNR={snr:.3g}", fontsize=8)
+    fig.suptitle("Forward diffusion q(x_t | x_0)", fontsize=10)
+    return _save(fig, path)
+
+
+def reverse_strips(traj: dict, class_names: list[str], which: str, path: Path) -> Path:
+    """One row per class (its first recorded digit), one column per recorded point."""
+    fr, labels, imgs = traj["fraction"], traj["labels"], traj[which]
+    rows = [int(np.flatnonzero(labels == c)[0]) for c in range(len(class_names)) if (labels == c).any()]
+    fig, axes = plt.subplots(len(rows), len(fr), figsize=(1.0 * len(fr), 1.0 * len(rows)), squeeze=False)
+    for r, b in enumerate(rows):
+        for p in range(len(fr)):
+            ax = axes[r][p]
+            _show(ax, imgs[p, b].astype(np.float32))
+            if r == 0:
+                ax.set_title(f"{fr[p]:.0%}", fontsize=8)
+            if p == 0:
+                ax.set_ylabel(class_names[int(labels[b])], fontsize=8)
+    label = "state x_t" if which == "x_t" else "predicted clean image x̂_0"
+    fig.suptitle(f"Reverse diffusion, {label}, by share of sampler steps done", fontsize=10)
+    return _save(fig, path)
+
+
+def recognizability_plot(curve: pd.DataFrame, cross: pd.DataFrame, path: Path) -> Path:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, kind, title in ((axes[0], "x0_pred", "predicted x̂_0"), (axes[1], "x_t", "state x_t (clipped)")):
+        d = curve[curve["image"] == kind]
+        per = d[d["class"] != "all"]
+        sns.lineplot(data=per, x="fraction", y="accuracy", hue="class", ax=ax, palette="tab10", alpha=0.45, linewidth=1)
+        allc = d[d["class"] == "all"]
+        ax.plot(allc["fraction"], allc["accuracy"], color="black", linewidth=2.5, label="all")
+        for thr, style in ((0.5, ":"), (0.9, "--")):
+            ax.axhline(thr, color="grey", linestyle=style, linewidth=1)
+            c = cross[(cross["image"] == kind) & (cross["class"] == "all")]["fraction_%d" % int(thr * 100)]
+            if len(c) and not math.isnan(float(c.iloc[0])):
+                ax.axvline(float(c.iloc[0]), color="grey", linestyle=style, linewidth=1)
+        ax.set_title(f"Judge accuracy on {title}")
+        ax.set_xlabel("share of the reverse process done")
+        ax.set_ylabel("zero-shot accuracy")
+        ax.set_ylim(-0.02, 1.02)
+        ax.legend(fontsize=7, ncol=2, loc="lower right")
+    return _save(fig, path)
+
+
+def loss_curves(train: pd.DataFrame, val: pd.DataFrame, path: Path, log_scale: bool) -> Path:
+    fig, ax = plt.subplots(figsize=(8, 4))
+    window = max(1, len(train) // 50)
+    ax.plot(train["step"], train["loss"], color="tab:blue", alpha=0.25, linewidth=0.8, label="train (per step)")
+    ax.plot(train["step"], train["loss"].rolling(window, min_periods=1).mean(), color="tab:blue", linewidth=2, label=f"train (mean of {window} steps)")
+    if len(val):
+        ax.plot(val["step"], val["val_loss"], "o-", color="tab:orange", linewidth=2, label="validation (EMA, per epoch)")
+    if log_scale:
+        ax.set_yscale("log")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("noise-prediction MSE")
+    ax.set_title("Training and validation loss")
+    ax.legend()
+    return _save(fig, path)
+
+
+def val_by_timestep(val: pd.DataFrame, timesteps: int, path: Path) -> tuple[Path, pd.DataFrame]:
+    last = val.iloc[-1]
+    cols = sorted([c for c in val.columns if c.startswith("val_loss_t")], key=lambda c: int(c[len("val_loss_t"):]))
+    bins = len(cols)
+    df = pd.DataFrame(
+        {
+            "timesteps": [f"{b * timesteps // bins + 1}-{(b + 1) * timesteps // bins}" for b in range(bins)],
+            "val_loss": [float(last[c]) for c in cols],
+        }
+    )
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    sns.barplot(data=df, x="timesteps", y="val_loss", color="tab:orange", ax=ax)
+    ax.set_xlabel("timestep t (1 = almost clean, T = pure noise)")
+    ax.set_ylabel("validation MSE")
+    ax.set_title("Validation loss by noise level (final epoch)")
+    ax.tick_params(axis="x", labelrotation=30)
+    return _save(fig, path), df
+
+
+def epoch_grids(grid_paths: list[Path], path: Path, max_panels: int = 5) -> Path:
+    from PIL import Image
+
+    if len(grid_paths) > max_panels:
+        idx = np.unique(np.linspace(0, len(grid_paths) - 1, max_panels).round().astype(int))
+        grid_paths = [grid_paths[i] for i in idx]
+    fig, axes = plt.subplots(1, len(grid_paths), figsize=(2.2 * len(grid_paths), 5), squeeze=False)
+    for ax, p in zip(axes[0], grid_paths):
+        ax.imshow(Image.open(p), cmap="gray")
+        ax.set_title(p.stem.replace("_", " "), fontsize=9)
+        ax.axis("off")
+    fig.suptitle("Fixed-noise samples after each epoch (same noise and labels)", fontsize=10)
+    return _save(fig, path)
+
+
+def clip_bars(table: pd.DataFrame, judge: str, path: Path) -> Path:
+    long = pd.concat(
+        [
+            pd.DataFrame({"digit": table["name"], "set": "generated", "accuracy": table["accuracy_generated"], "clip_score": table["clip_score_generated"]}),
+            pd.DataFrame({"digit": table["name"], "set": "real", "accuracy": table["accuracy_real"], "clip_score": table["clip_score_real"]}),
+        ]
+    )
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
+    sns.barplot(data=long, x="digit", y="accuracy", hue="set", ax=axes[0], palette=["tab:blue", "tab:gray"])
+    axes[0].set_ylim(0, 1.05)
+    axes[0].set_title(f"Zero-shot accuracy ({judge})")
+    sns.barplot(data=long, x="digit", y="clip_score", hue="set", ax=axes[1], palette=["tab:blue", "tab:gray"])
+    axes[1].set_title(f"CLIP score ({judge})")
+    for ax in axes:
+        ax.tick_params(axis="x", labelrotation=30)
+    return _save(fig, path)
+
+
+def confusion_heatmap(conf: pd.DataFrame, judge: str, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    sns.heatmap(conf, annot=True, fmt="d", cmap="Blues", cbar=False, ax=ax)
+    ax.set_xlabel("judged as")
+    ax.set_ylabel("asked for")
+    ax.set_title(f"Confusion of generated digits ({judge})")
+    return _save(fig, path)
+
+
+def sweep_plot(sweep: pd.DataFrame, path: Path) -> Path:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    g = sweep[sweep["sweep"] == "guidance"]
+    if len(g):
+        ax = axes[0]
+        ax.plot(g["guidance_scale"], g["accuracy"], "o-", color="tab:blue", label="judged accuracy")
+        ax.set_xlabel("guidance scale w")
+        ax.set_ylabel("judged accuracy", color="tab:blue")
+        ax2 = ax.twinx()
+        ax2.plot(g["guidance_scale"], g["frechet_distance"], "s--", color="tab:red", label="Frechet distance")
+        ax2.set_ylabel("Frechet distance to real (lower = closer)", color="tab:red")
+        ax2.grid(False)
+        ax.set_title("Guidance: accuracy vs diversity/realism")
+    s = sweep[sweep["sweep"] == "sampler"]
+    if len(s):
+        ax = axes[1]
+        for name, grp in s.groupby("sampler"):
+            ax.plot(grp["seconds_per_image"] * 1000, grp["accuracy"], "o-", label=name)
+            for _, r in grp.iterrows():
+                ax.annotate(str(int(r["steps"])), (r["seconds_per_image"] * 1000, r["accuracy"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("ms per image (log)")
+        ax.set_ylabel("judged accuracy")
+        ax.set_title("Samplers: quality vs time (labels = steps)")
+        ax.legend()
+    return _save(fig, path)
+
+
+def pct(x: float) -> str:
+    """A share as a percentage, or 'never' for NaN (the threshold was not reached)."""
+    return "never" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.0%}"
+
+
+def md_table(df: pd.DataFrame, floatfmt: str = ".3f") -> str:
+    """A GitHub markdown table (no tabulate dependency)."""
+    cols = list(df.columns)
+
+    def fmt(v):
+        if isinstance(v, (float, np.floating)):
+            return "n/a" if math.isnan(v) else format(v, floatfmt)
+        return str(v)
+
+    lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def easiest_hardest_paragraph(ranking: pd.DataFrame, judge: str) -> str:
+    """Plain-language summary of the ranking, every number taken from it."""
+    best, worst = ranking.iloc[0], ranking.iloc[-1]
+    spread = best["accuracy_generated"] - worst["accuracy_generated"]
+    top = ", ".join(f"{r['name']} ({r['accuracy_generated']:.0%})" for _, r in ranking.head(3).iterrows())
+    bottom = ", ".join(f"{r['name']} ({r['accuracy_generated']:.0%})" for _, r in ranking.tail(3).iloc[::-1].iterrows())
+    gap = ranking.sort_values("accuracy_gap", ascending=False).iloc[0]
+    text = (
+        f"Judged by {judge}, the easiest digits to draw were {top}; the hardest were {bottom}. "
+        f"The best digit, {best['name']}, was recognised in {best['accuracy_generated']:.0%} of its samples "
+        f"(CLIP score {best['clip_score_generated']:.1f}, real digits {best['accuracy_real']:.0%}); the worst, "
+        f"{worst['name']}, in {worst['accuracy_generated']:.0%} (CLIP score {worst['clip_score_generated']:.1f}, "
+        f"real digits {worst['accuracy_real']:.0%}), a spread of {spread * 100:.0f} percentage points. "
+    )
+    if gap["accuracy_gap"] > 0:
+        text += (
+            f"The largest shortfall against real digits is for {gap['name']}: {gap['accuracy_gap'] * 100:.0f} points "
+            f"below the judge's accuracy on real {gap['name']}s, so that gap is the model's, not the judge's."
+        )
+    else:
+        text += "No digit falls below the judge's accuracy on real digits of the same class."
+    return text

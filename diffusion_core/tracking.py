@@ -1,0 +1,206 @@
+"""MLflow tracking for the pipeline: one run per pipeline execution, shared by its stages.
+
+* Where: ``MLFLOW_TRACKING_URI`` if set, else an SQLite database at the repository root
+  (``sqlite:///<repo>/mlflow.db``). Runs made by ``dvc exp run`` from the queue execute in a copy
+  of the repo under ``<repo>/.dvc/tmp/exps/``; they are pointed back at the original repository's
+  database so every run lands in one place.
+* Which run: ``train`` starts a run and writes its id to ``models/run.json`` (a DVC out). Each later
+  stage reads the run file of the stage before it and continues that run, unless that run already
+  went through this stage (a later ``dvc exp run -S sample.guidance_scale=...`` re-runs only
+  sampling): then it starts a new run that copies the upstream params, metrics and loss curves,
+  so each run in the UI is one complete pipeline execution. The stage writes the id it used to its
+  own run file for the next stage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+import urllib.parse
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+EXPERIMENT = os.environ.get("MLFLOW_EXPERIMENT_NAME", "digit-diffusion")
+
+
+class TrackingError(RuntimeError):
+    """The tracking server cannot be reached or a run file is bad; the message says which."""
+
+
+def repo_root(start: str | Path | None = None) -> Path:
+    """The project root: the original repository even inside a queued DVC experiment's temp copy."""
+    here = Path(start or os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+    parts = here.parts
+    for i in range(len(parts) - 3):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return here
+
+
+def tracking_uri(root: str | Path | None = None) -> str:
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{repo_root(root) / 'mlflow.db'}"
+
+
+def check_reachable(uri: str, timeout: float = 3.0) -> None:
+    """Fail within seconds, before any work, when an HTTP tracking server does not answer."""
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme not in ("http", "https"):
+        return
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname, port), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise TrackingError(
+            f"MLFLOW_TRACKING_URI={uri}: tracking server not reachable ({exc.strerror or exc}); "
+            "start it, or unset MLFLOW_TRACKING_URI to use the local mlflow.db"
+        ) from None
+
+
+def setup() -> str:
+    """Point MLflow at the tracking URI and experiment; returns the URI."""
+    import mlflow
+
+    uri = tracking_uri()
+    check_reachable(uri)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(EXPERIMENT)
+    return uri
+
+
+def git_commit(root: Path | None = None) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root or Path.cwd(), capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def run_tags() -> dict[str, str]:
+    tags = {"git_commit": git_commit(), "mlflow.source.name": "dvc pipeline"}
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
+    if os.environ.get("DVC_EXP_BASELINE_REV"):
+        tags["dvc_exp_baseline_rev"] = os.environ["DVC_EXP_BASELINE_REV"]
+    return tags
+
+
+def write_run_file(path: str | Path, run_id: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"run_id": run_id, "tracking_uri": tracking_uri(), "experiment": EXPERIMENT}) + "\n")
+
+
+def read_run_file(path: str | Path) -> str:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())["run_id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise TrackingError(f"{path}: missing or not a run file (run the upstream stage first)") from None
+
+
+def log_params(params: dict[str, Any]) -> None:
+    import mlflow
+
+    items = list(params.items())
+    for i in range(0, len(items), 90):  # log_params takes at most 100 at a time
+        mlflow.log_params({k: str(v) for k, v in items[i : i + 90]})
+
+
+# Pipeline stages in order, and the params.yaml groups each one logs. Every metric a stage logs is
+# named "<stage>/...", so a copied run takes exactly what the stages before the copying one made.
+STAGES = ("prepare", "train", "sample", "evaluate", "report")
+STAGE_GROUPS = {
+    "prepare": ("seed", "data"),
+    "train": ("model", "diffusion", "train"),
+    "sample": ("sample",),
+    "evaluate": ("clip",),
+    "report": ("sweep", "report"),
+}
+
+
+def stage_params(flat: dict[str, Any], stage: str) -> dict[str, Any]:
+    groups = STAGE_GROUPS[stage]
+    return {k: v for k, v in flat.items() if k.split(".")[0] in groups}
+
+
+def _stage_done_tag(stage: str) -> str:
+    return f"stage.{stage}"
+
+
+def _earlier(stage: str) -> set[str]:
+    return set(STAGES[: STAGES.index(stage)])
+
+
+def _copy_run(client, src_id: str, stage: str) -> str:
+    """A new run holding what the stages before ``stage`` logged to ``src_id``.
+
+    Params of their groups, their metric histories (loss curves included) and tags are copied; the
+    trained model stays an artifact of the run that trained it (tag ``model_run_id``).
+    """
+    from mlflow.entities import Metric, Param
+
+    earlier = _earlier(stage)
+    src = client.get_run(src_id)
+    tags = {k: v for k, v in src.data.tags.items() if not k.startswith(("mlflow.", "stage."))}
+    tags.update({_stage_done_tag(s): "done" for s in earlier if _stage_done_tag(s) in src.data.tags})
+    tags.update(run_tags())
+    tags["copied_from_run"] = src_id
+    tags["model_run_id"] = src.data.tags.get("model_run_id", src_id)
+    run = client.create_run(src.info.experiment_id, tags=tags, run_name=src.info.run_name)
+    new_id = run.info.run_id
+    groups = {g for s in earlier for g in STAGE_GROUPS[s]}
+    params = [Param(k, v) for k, v in src.data.params.items() if k.split(".")[0] in groups]
+    for i in range(0, len(params), 90):
+        client.log_batch(new_id, params=params[i : i + 90])
+    for key in src.data.metrics:
+        if key.split("/")[0] not in earlier:
+            continue
+        history = client.get_metric_history(src_id, key)
+        metrics = [Metric(m.key, m.value, m.timestamp, m.step) for m in history]
+        for i in range(0, len(metrics), 900):
+            client.log_batch(new_id, metrics=metrics[i : i + 900])
+    return new_id
+
+
+@contextmanager
+def stage_run(stage: str, upstream_run_file: str | Path | None, own_run_file: str | Path | None, params: dict[str, Any]) -> Iterator[str]:
+    """Open the MLflow run this stage belongs to (see the module docstring); yields its id.
+
+    ``params`` are this stage's own params (:func:`stage_params`); ``upstream_run_file`` None
+    starts a new run (the train stage). On success the run is tagged
+    ``stage.<stage>=done`` and its id written to ``own_run_file``.
+    """
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    setup()
+    client = MlflowClient()
+    if upstream_run_file is None:
+        run = client.create_run(mlflow.get_experiment_by_name(EXPERIMENT).experiment_id, tags=run_tags())
+        run_id = run.info.run_id
+        client.set_tag(run_id, "model_run_id", run_id)
+    else:
+        run_id = read_run_file(upstream_run_file)
+        try:
+            upstream = client.get_run(run_id)
+        except Exception as exc:  # noqa: BLE001 - mlflow raises its own exception types
+            raise TrackingError(f"{upstream_run_file}: run {run_id} not found in {tracking_uri()} ({type(exc).__name__})") from None
+        if _stage_done_tag(stage) in upstream.data.tags:
+            run_id = _copy_run(client, run_id, stage)
+    with mlflow.start_run(run_id=run_id):
+        log_params(params)
+        start = time.time()
+        yield run_id
+        mlflow.log_metric(f"{stage}/stage_seconds", time.time() - start)
+        mlflow.set_tag(_stage_done_tag(stage), "done")
+    if own_run_file is not None:
+        write_run_file(own_run_file, run_id)

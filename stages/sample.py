@@ -1,0 +1,150 @@
+"""Stage 3: draw digits with the trained model; or, with ``--digit``, draw one digit on request.
+
+Pipeline mode (no ``--digit``) writes:
+
+* ``samples/samples.npz``: ``images`` uint8 [N, H, W] (grey) or [N, C, H, W] (colour), ``labels``
+  int64 [N], ``class_names`` str [K]; ``sample.per_class`` images of each class, in class order;
+* ``samples/grid.png``: one row per class;
+* ``samples/trajectory.npz``: the reverse process of ``sample.trajectory_per_class`` digits per
+  class: ``fraction`` [P] (share of the sampler's steps done), ``timestep`` [P] (-1 = clean),
+  ``x_t`` and ``x0`` float16 [P, B, C, H, W] (the state and the predicted clean image), ``labels`` [B];
+* ``reports/metrics/sample.json``: sampler settings and time per image.
+
+On request: ``python -m stages.sample --digit 7 --count 16 --guidance 3 --out sevens.png``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import typer
+from tqdm.auto import tqdm
+
+from diffusion_core import tracking
+from diffusion_core.checkpoint import load_model
+from diffusion_core.config import ConfigError, load_config
+from diffusion_core.data import to_uint8
+from diffusion_core.images import save_grid
+from diffusion_core.samplers import class_labels, make_scheduler, sample
+from diffusion_core.trainer import resolve_device
+from stages._common import one_line_errors, write_json
+
+app = typer.Typer(add_completion=False)
+
+
+def draw(model, diffusion, labels: torch.Tensor, sampler: str, steps: int, eta: float, guidance: float,
+         seed: int, shape: tuple[int, ...], batch_size: int, progress: bool = True) -> torch.Tensor:
+    """Sample ``labels`` in batches with one seeded generator; returns [N, C, H, W] in [-1, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    batches = list(torch.split(labels, batch_size))
+    for y in tqdm(batches, desc=f"sampling ({sampler}, {len(labels)} images)", disable=not progress):
+        sched = make_scheduler(sampler, diffusion, steps, eta)
+        out.append(sample(model, diffusion, sched, y, guidance, g, shape=shape).images)
+    return torch.cat(out)
+
+
+def save_samples(path: Path, images: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> None:
+    u8 = to_uint8(images).numpy()
+    if u8.shape[1] == 1:
+        u8 = u8[:, 0]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, images=u8, labels=labels.numpy().astype(np.int64), class_names=np.array(class_names))
+
+
+@app.command()
+@one_line_errors
+def main(
+    params: Path = typer.Option(Path("params.yaml"), help="params file"),
+    model_path: Path = typer.Option(Path("models/model.pt"), "--model", help="trained model file"),
+    out_dir: Path = typer.Option(Path("samples"), "--out-dir", help="pipeline output folder"),
+    metrics: Path = typer.Option(Path("reports/metrics/sample.json"), help="DVC metrics file"),
+    digit: Optional[int] = typer.Option(None, help="draw only this class (on-request mode)"),
+    count: int = typer.Option(16, help="on request: how many images"),
+    guidance: Optional[float] = typer.Option(None, help="on request: guidance scale w (default: sample.guidance_scale)"),
+    sampler: Optional[str] = typer.Option(None, help="on request: ddpm | ddim | dpm++2m (default: sample.sampler)"),
+    steps: Optional[int] = typer.Option(None, help="on request: sampler steps (default: sample.steps)"),
+    seed: Optional[int] = typer.Option(None, help="on request: random seed (default: from params)"),
+    out: Path = typer.Option(Path("digits.png"), help="on request: PNG to write"),
+) -> None:
+    overrides = {}
+    if guidance is not None:
+        overrides["sample.guidance_scale"] = guidance
+    if sampler is not None:
+        overrides["sample.sampler"] = sampler
+    if steps is not None:
+        overrides["sample.steps"] = steps
+    cfg = load_config(params, overrides=overrides)
+    s = cfg.sample
+    device = resolve_device(cfg.train.device)
+    if digit is not None:
+        if count <= 0:
+            raise ConfigError(f"--count must be > 0, got {count}")
+        model, diffusion, mcfg, info, _ = load_model(model_path, device)
+        names = info["class_names"]
+        if not 0 <= digit < len(names):
+            raise ConfigError(f"--digit must be in [0, {len(names) - 1}], got {digit}")
+        shape = (info["channels"], info["size"], info["size"])
+        labels = torch.full((count,), digit, dtype=torch.long)
+        images = draw(model, diffusion, labels, s.sampler, s.steps, s.eta, s.guidance_scale,
+                      cfg.seed + 10 if seed is None else seed, shape, s.batch_size)
+        save_grid(images, out, nrow=min(count, 8), scale=3)
+        typer.echo(f"drew {count} x '{names[digit]}' with {s.sampler} (w={s.guidance_scale}) -> {out}")
+        return
+
+    model, diffusion, mcfg, info, meta = load_model(model_path, device, expect=cfg)
+    names = info["class_names"]
+    shape = (info["channels"], info["size"], info["size"])
+    with tracking.stage_run("sample", model_path.parent / "run.json", out_dir / "run.json",
+                            tracking.stage_params(cfg.flat(), "sample")) as run_id:
+        import mlflow
+
+        labels = class_labels(len(names), s.per_class)
+        t0 = time.perf_counter()
+        images = draw(model, diffusion, labels, s.sampler, s.steps, s.eta, s.guidance_scale, cfg.seed + 10, shape, s.batch_size)
+        seconds = time.perf_counter() - t0
+        save_samples(out_dir / "samples.npz", images, labels, names)
+        per_row = min(s.per_class, 10)
+        first = torch.cat([images[labels == c][:per_row] for c in range(len(names))])
+        save_grid(first, out_dir / "grid.png", nrow=per_row)
+
+        traj_info = {}
+        if s.trajectory_per_class:
+            tl = class_labels(len(names), s.trajectory_per_class)
+            sched = make_scheduler(s.sampler, diffusion, s.steps, s.eta)
+            g = torch.Generator().manual_seed(cfg.seed + 11)
+            res = sample(model, diffusion, sched, tl, s.guidance_scale, g, shape=shape, trajectory_points=s.trajectory_points, progress=True)
+            tr = res.trajectory
+            np.savez_compressed(
+                out_dir / "trajectory.npz",
+                fraction=tr.fraction.numpy(), timestep=tr.timestep.numpy(),
+                x_t=tr.x_t.half().numpy(), x0=tr.x0.half().numpy(), labels=tl.numpy(),
+                class_names=np.array(names),
+            )
+            traj_info = {"trajectory_images": len(tl), "trajectory_points": len(tr.fraction)}
+        nfe = len(make_scheduler(s.sampler, diffusion, s.steps).timesteps)
+        summary = {
+            "sampler": s.sampler,
+            "steps": nfe,
+            "guidance_scale": s.guidance_scale,
+            "images": len(labels),
+            "seconds": round(seconds, 3),
+            "seconds_per_image": seconds / len(labels),
+            "network_evaluations_per_image": nfe * (2 if s.guidance_scale > 0 else 1),
+            "device": str(device),
+            "model_steps": meta.get("steps"),
+            **traj_info,
+        }
+        write_json(metrics, summary)
+        mlflow.log_metrics({"sample/seconds_per_image": summary["seconds_per_image"], "sample/images": len(labels)})
+        mlflow.log_artifact(str(out_dir / "grid.png"), "samples")
+        mlflow.log_artifact(str(out_dir / "samples.npz"), "samples")
+        typer.echo(f"sampled {len(labels)} images in {seconds:.1f}s ({1000 * seconds / len(labels):.1f} ms/image); MLflow run {run_id}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,136 @@
+"""Stage 2: train the class-conditional diffusion model.
+
+Outs: ``models/model.pt`` (EMA weights + config), ``models/checkpoint.pt`` (full training state,
+persisted so a killed run resumes), ``models/grids/epoch_NNN.png`` (fixed-noise grids),
+``models/run.json`` (the MLflow run). Metrics: ``reports/metrics/train.json``. Plots:
+``reports/plots/train_loss.csv`` (per step) and ``reports/plots/val_loss.csv`` (per epoch).
+"""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import typer
+
+from diffusion_core import tracking
+from diffusion_core.config import load_config
+from diffusion_core.data import load_split
+from diffusion_core.trainer import Trainer
+from diffusion_core.unet import count_parameters
+from stages._common import one_line_errors, read_json, write_json
+
+app = typer.Typer(add_completion=False)
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        if not rows:
+            return
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+class MlflowLogger:
+    """Buffers per-step metrics and sends them in batches at each epoch end (cheap on SQLite)."""
+
+    def __init__(self) -> None:
+        import mlflow
+
+        self.mlflow = mlflow
+        self.buffer: dict[str, list[tuple[int, float]]] = {}
+
+    def add(self, step: int, **values: float) -> None:
+        for k, v in values.items():
+            self.buffer.setdefault(k, []).append((step, v))
+
+    def flush(self) -> None:
+        from mlflow.entities import Metric
+
+        import time
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, s) for k, pts in self.buffer.items() for s, v in pts]
+        run_id = self.mlflow.active_run().info.run_id
+        client = self.mlflow.tracking.MlflowClient()
+        for i in range(0, len(metrics), 900):
+            client.log_batch(run_id, metrics=metrics[i : i + 900])
+        self.buffer.clear()
+
+    def on_step(self, step: int, rec: dict) -> None:
+        self.add(step, **{"train/loss": rec["loss"], "train/lr": rec["lr"]})
+
+    def on_epoch(self, epoch: int, rec: dict, grid: Path) -> None:
+        self.add(rec["step"], **{"train/val_loss": rec["val_loss"], "train/epoch": epoch})
+        self.flush()
+        self.mlflow.log_artifact(str(grid), "grids")
+
+
+@app.command()
+@one_line_errors
+def main(
+    params: Path = typer.Option(Path("params.yaml"), help="params file"),
+    data: Path = typer.Option(Path("data/prepared"), help="prepared splits (prepare stage)"),
+    out: Path = typer.Option(Path("models"), help="output folder"),
+    metrics: Path = typer.Option(Path("reports/metrics/train.json"), help="DVC metrics file"),
+    plots: Path = typer.Option(Path("reports/plots"), help="folder for the loss-curve CSVs"),
+) -> None:
+    cfg = load_config(params)
+    stats = read_json(data / "stats.json")
+    if stats["source"] != cfg.data.source:
+        raise tracking.TrackingError(f"{data}/stats.json holds {stats['source']!r} but data.source is {cfg.data.source!r}: run the prepare stage")
+    train, val = load_split(data, "train"), load_split(data, "val")
+    info = {"channels": stats["channels"], "size": stats["size"], "class_names": stats["class_names"]}
+    trainer = Trainer(cfg, train, val, info, out)
+    resume = False
+    if trainer.checkpoint_path.exists():
+        why = trainer.resume_mismatch()  # raises on an unreadable checkpoint: never overwrite silently
+        resume = why is None
+        typer.echo(f"resuming from {trainer.checkpoint_path}" if resume else f"starting over: {why}")
+    if not resume:
+        shutil.rmtree(out / "grids", ignore_errors=True)
+    flat = cfg.flat()
+    params_logged = {**tracking.stage_params(flat, "prepare"), **tracking.stage_params(flat, "train")}
+    with tracking.stage_run("train", None, out / "run.json", params_logged) as run_id:
+        import mlflow
+
+        logger = MlflowLogger()
+        trainer.on_step, trainer.on_epoch = logger.on_step, logger.on_epoch
+        mlflow.set_tag("data.source", cfg.data.source)
+        mlflow.log_dict(stats, "data/stats.json")
+        if resume:  # the restored history goes into this run too, so its curves are complete
+            trainer.load_checkpoint(trainer.checkpoint_path)
+            for r in trainer.history.train:
+                logger.on_step(r["step"], r)
+            for r in trainer.history.val:
+                logger.add(r["step"], **{"train/val_loss": r["val_loss"], "train/epoch": r["epoch"]})
+            logger.flush()
+        result = trainer.fit(resume=False)  # the state, if any, was restored above
+        logger.flush()
+        summary = {
+            "final_train_loss": result.final_train_loss,
+            "final_val_loss": result.final_val_loss,
+            "steps": result.steps,
+            "epochs": result.epochs,
+            "wall_time_s": round(result.wall_time_s, 2),
+            "images_per_s": round(result.images_per_s, 2),
+            "parameters": count_parameters(trainer.model),
+            "device": str(trainer.device),
+        }
+        write_json(metrics, summary)
+        write_csv(plots / "train_loss.csv", [{"step": r["step"], "epoch": r["epoch"], "loss": r["loss"], "lr": r["lr"]} for r in result.history.train])
+        write_csv(plots / "val_loss.csv", result.history.val)
+        mlflow.log_metrics({f"train/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
+        mlflow.log_artifact(str(out / "model.pt"), "model")
+        mlflow.log_artifact(str(metrics), "metrics")
+        typer.echo(
+            f"trained {result.steps} steps in {result.wall_time_s:.0f}s ({result.images_per_s:.0f} img/s); "
+            f"val loss {result.final_val_loss:.4f}; MLflow run {run_id}"
+        )
+
+
+if __name__ == "__main__":
+    app()
