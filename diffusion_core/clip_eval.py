@@ -105,9 +105,16 @@ def rank_classes(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def first_crossing(fractions: np.ndarray, accuracy: np.ndarray, threshold: float) -> float:
-    """The first recorded fraction of the reverse process at which accuracy >= threshold (nan: never)."""
-    hits = np.flatnonzero(accuracy >= threshold)
-    return float(fractions[hits[0]]) if len(hits) else math.nan
+    """The earliest recorded fraction from which accuracy stays >= threshold to the end (nan: never).
+
+    "Stays" matters: a judge that calls pure noise "eight" is 100% right on eights at the very start
+    of the process, which says nothing about when eights become recognizable.
+    """
+    below = np.flatnonzero(accuracy < threshold)
+    if len(below) == 0:
+        return float(fractions[0])
+    after = below[-1] + 1
+    return float(fractions[after]) if after < len(fractions) else math.nan
 
 
 def recognizability(

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from diffusion_core.progress import progress_bar
 
 from diffusion_core.checkpoint import FORMAT_VERSION, load_file, save_atomic
 from diffusion_core.checkpoint import CheckpointError
@@ -90,7 +90,7 @@ def train_digit_clip(
     loss_fn = ClipLoss()
     model.train()
     t0 = time.perf_counter()
-    bar = tqdm(total=total, desc="train digit-clip", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=total, desc="train digit-clip", disable=not progress)
     for _ in range(epochs):
         perm = torch.randperm(len(y_all), generator=g)
         for i in range(steps_per_epoch):

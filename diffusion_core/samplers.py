@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from diffusion_core.progress import progress_bar
 
 from diffusion_core.diffusion import GaussianDiffusion
 
@@ -214,7 +214,7 @@ def sample(
     keep = set(record_indices(n, trajectory_points)) if trajectory_points else set()
     rec_f, rec_t, rec_x, rec_x0 = [], [], [], []
     steps = zip(scheduler.timesteps.tolist(), scheduler.prev_timesteps.tolist())
-    for i, (t, s) in enumerate(tqdm(list(steps), desc=f"{scheduler.name} sampling", disable=not progress, leave=False)):
+    for i, (t, s) in enumerate(progress_bar(list(steps), desc=f"{scheduler.name} sampling", disable=not progress, leave=False)):
         tt = torch.full((len(labels),), t, device=device, dtype=torch.long)
         out = guided_output(model, x, tt, labels, guidance_scale, diffusion.null_class).float()
         eps, x0 = diffusion.eps_and_x0(out, x, tt)

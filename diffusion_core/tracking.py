@@ -72,6 +72,14 @@ def setup() -> str:
     check_reachable(uri)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     mlflow.set_tracking_uri(uri)
+    if mlflow.get_experiment_by_name(EXPERIMENT) is None:
+        # With the local database, artifacts go beside it (not to ./mlruns of whatever folder the
+        # stage runs in: a queued experiment's temporary copy would take them away).
+        location = (repo_root() / "mlartifacts").as_uri() if uri.startswith("sqlite:") and "MLFLOW_TRACKING_URI" not in os.environ else None
+        try:
+            mlflow.create_experiment(EXPERIMENT, artifact_location=location)
+        except Exception:  # noqa: BLE001 - created concurrently by another stage or process
+            pass
     mlflow.set_experiment(EXPERIMENT)
     return uri
 

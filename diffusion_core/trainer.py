@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 from torch.optim.swa_utils import AveragedModel
-from tqdm.auto import tqdm
+from diffusion_core.progress import progress_bar
 
 from diffusion_core.checkpoint import (
     FORMAT_VERSION,
@@ -299,7 +299,7 @@ class Trainer:
             self.load_checkpoint(self.checkpoint_path)
         self.model.train()
         start_epoch, offset = divmod(self.step, self.steps_per_epoch)
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=not self.progress, dynamic_ncols=True)
+        bar = progress_bar(total=self.total_steps, initial=self.step, desc="train", disable=not self.progress)
         last_loss = float("nan")
         t_start = time.perf_counter()
         t_prev = t_start

@@ -22,7 +22,7 @@ from typing import Optional
 import numpy as np
 import torch
 import typer
-from tqdm.auto import tqdm
+from diffusion_core.progress import progress_bar
 
 from diffusion_core import tracking
 from diffusion_core.checkpoint import load_model
@@ -42,7 +42,7 @@ def draw(model, diffusion, labels: torch.Tensor, sampler: str, steps: int, eta: 
     g = torch.Generator().manual_seed(seed)
     out = []
     batches = list(torch.split(labels, batch_size))
-    for y in tqdm(batches, desc=f"sampling ({sampler}, {len(labels)} images)", disable=not progress):
+    for y in progress_bar(batches, desc=f"sampling ({sampler}, {len(labels)} images)", disable=not progress):
         sched = make_scheduler(sampler, diffusion, steps, eta)
         out.append(sample(model, diffusion, sched, y, guidance, g, shape=shape).images)
     return torch.cat(out)

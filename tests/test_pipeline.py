@@ -1,0 +1,156 @@
+"""End to end: the real pipeline with `dvc repro` in a temporary copy of the repo, tiny params."""
+
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tiny_params import write_tiny_params
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def run(cmd, cwd, check=True, env=None):
+    res = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=900)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+    return res
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    """A git + DVC copy of the project (tracked and untracked-not-ignored files) with tiny params."""
+    dst = tmp_path_factory.mktemp("pipeline") / "repo"
+    files = run(["git", "ls-files", "-co", "--exclude-standard"], REPO).stdout.split()
+    for f in files:
+        if f.startswith(("tests/", "reports/", "bench/")) or f == "dvc.lock" or not (REPO / f).is_file():
+            continue
+        (dst / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / f, dst / f)
+    write_tiny_params(REPO / "params.yaml", dst / "params.yaml")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": str(dst)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    run(["git", "init", "-q"], dst)
+    run(["git", "add", "-A"], dst)
+    run(["git", "-c", "user.email=ci@example.com", "-c", "user.name=ci", "commit", "-qm", "init"], dst)
+    first = run(["dvc", "repro"], dst, env=env)
+    return dst, env, first
+
+
+def mlflow_runs(db: Path):
+    con = sqlite3.connect(db)
+    try:
+        return con.execute("select run_uuid from runs order by start_time").fetchall(), con
+    except sqlite3.Error:
+        con.close()
+        raise
+
+
+def test_repro_produces_every_out_and_one_mlflow_run(repo):
+    dst, env, first = repo
+    for out in [
+        "data/prepared/train.pt", "data/prepared/stats.json", "models/model.pt", "models/checkpoint.pt",
+        "models/grids/epoch_001.png", "models/run.json", "models/digit-clip.pt", "samples/samples.npz",
+        "samples/grid.png", "samples/trajectory.npz", "evaluation/digit-clip/per_class.csv",
+        "evaluation/digit-clip/recognizability.csv", "sweep/results.csv", "reports/report.md",
+        "reports/runs.md", "reports/metrics/train.json", "reports/metrics/evaluate.json",
+        "reports/plots/train_loss.csv", "reports/figures/loss.png",
+    ]:
+        assert (dst / out).is_file(), out
+    import numpy as np
+
+    with np.load(dst / "samples/samples.npz") as f:
+        assert f["images"].dtype == np.uint8 and f["images"].shape == (40, 28, 28)
+        assert f["labels"].dtype == np.int64 and f["labels"].tolist() == sorted(f["labels"].tolist())
+    runs, con = mlflow_runs(dst / "mlflow.db")
+    try:
+        assert len(runs) == 1
+        run_id = runs[0][0]
+        params = dict(con.execute("select key, value from params where run_uuid=?", (run_id,)).fetchall())
+        assert params["train.epochs"] == "2" and params["sample.sampler"] == "ddim" and params["clip.models"] == "['digit-clip']"
+        metrics = {k for (k,) in con.execute("select distinct key from metrics where run_uuid=?", (run_id,))}
+        assert {"train/loss", "train/val_loss", "sample/seconds_per_image", "evaluate/digit-clip/accuracy_generated"} <= metrics
+        n_loss = con.execute("select count(*) from metrics where run_uuid=? and key='train/loss'", (run_id,)).fetchone()[0]
+        assert n_loss == 20  # one point per step
+        tags = dict(con.execute("select key, value from tags where run_uuid=?", (run_id,)).fetchall())
+        assert tags["stage.report"] == "done" and len(tags["git_commit"]) == 40
+    finally:
+        con.close()
+    # artifacts live beside the database, whatever folder a stage ran in
+    tables = list((dst / "mlartifacts").rglob("per_class.json"))
+    assert tables and not (dst / "mlruns").exists()
+    assert list((dst / "mlartifacts").rglob("model.pt")) and list((dst / "mlartifacts").rglob("report.md"))
+
+
+def test_repro_again_has_nothing_to_do(repo):
+    dst, env, _ = repo
+    res = run(["dvc", "status"], dst, env=env)
+    assert "up to date" in res.stdout, res.stdout
+
+
+def test_changing_guidance_reruns_only_sampling_and_later_and_makes_a_new_run(repo):
+    dst, env, _ = repo
+    res = run(["dvc", "exp", "run", "-S", "sample.guidance_scale=1.0"], dst, env=env)
+    ran = [line.split("'")[1] for line in res.stdout.splitlines() if line.startswith("Running stage")]
+    assert set(ran) == {"sample", "evaluate", "sweep", "report"}, res.stdout
+    runs, con = mlflow_runs(dst / "mlflow.db")
+    try:
+        assert len(runs) == 2
+        new = runs[-1][0]
+        params = dict(con.execute("select key, value from params where run_uuid=?", (new,)).fetchall())
+        assert params["sample.guidance_scale"] == "1.0" and params["train.epochs"] == "2"
+        n_loss = con.execute("select count(*) from metrics where run_uuid=? and key='train/loss'", (new,)).fetchone()[0]
+        assert n_loss == 20  # the loss curve travels with the copied run
+        tags = dict(con.execute("select key, value from tags where run_uuid=?", (new,)).fetchall())
+        assert tags["copied_from_run"] == runs[0][0] and tags.get("dvc_exp_name")
+    finally:
+        con.close()
+
+
+def test_draw_a_digit_on_request(repo):
+    dst, env, _ = repo
+    res = run([sys.executable, "-m", "stages.sample", "--digit", "7", "--count", "4", "--guidance", "2", "--out", "sevens.png"], dst, env=env)
+    assert "drew 4 x 'seven'" in res.stdout
+    from PIL import Image
+
+    assert Image.open(dst / "sevens.png").size[0] > 28
+    bad = run([sys.executable, "-m", "stages.sample", "--digit", "12", "--out", "x.png"], dst, check=False, env=env)
+    assert bad.returncode == 2 and "--digit must be in [0, 9]" in bad.stderr
+    assert not (dst / "x.png").exists()
+
+
+def test_report_has_every_section_and_figure_and_its_numbers_come_from_the_metrics(repo):
+    import json
+    import re
+
+    dst, env, _ = repo
+    report = (dst / "reports/report.md").read_text()
+    for n, title in enumerate(["Run summary", "Forward diffusion", "Reverse diffusion", "Model", "Training",
+                               "CLIP evaluation", "Samples", "Guidance and samplers", "Limitations"], start=1):
+        assert f"## {n}. {title}" in report
+    figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+    assert len(figures) >= 10
+    for fig in figures:
+        assert (dst / "reports" / fig).is_file(), fig
+    train = json.loads((dst / "reports/metrics/train.json").read_text())
+    ev = json.loads((dst / "reports/metrics/evaluate.json").read_text())["digit-clip"]
+    sample = json.loads((dst / "reports/metrics/sample.json").read_text())
+    assert f"validation loss (EMA weights, fixed noise) {train['final_val_loss']:.4f}" in report
+    assert f"{train['steps']} steps" in report
+    assert f"accuracy {ev['accuracy_generated']:.1%} on {ev['n_generated']} generated digits" in report
+    assert f"{ev['frechet_distance']:.4f}" in report
+    assert f"{sample['seconds_per_image'] * 1000:.1f} ms per image" in report
+    run_id = json.loads((dst / "evaluation/run.json").read_text())["run_id"]
+    assert run_id in report
+    # the easiest/hardest paragraph is filled from the ranking table
+    import pandas as pd
+
+    ranking = pd.read_csv(dst / "evaluation/digit-clip/ranking.csv")
+    assert f"The best digit, {ranking.iloc[0]['name']}" in report
+    assert f"the worst, {ranking.iloc[-1]['name']}" in report
+    assert "| run |" in (dst / "reports/runs.md").read_text()

@@ -1,0 +1,133 @@
+"""Bad input to the stages: refused before any work, one line naming the key or file, exit 2,
+and nothing already produced is touched."""
+
+import importlib
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from conftest import REPO
+
+BASE = yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def params_with(tmp_path, dotted=None, value=None, raw=None):
+    data = yaml.safe_load(yaml.safe_dump(BASE))
+    if dotted:
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    path = tmp_path / "params.yaml"
+    path.write_text(raw if raw is not None else yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch):
+    """An empty project folder holding one earlier output that must survive every failure."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "samples").mkdir()
+    sentinel = tmp_path / "samples" / "grid.png"
+    sentinel.write_bytes(b"earlier output")
+    return tmp_path, sentinel
+
+
+def invoke(stage, args):
+    app = importlib.import_module(f"stages.{stage}").app
+    return CliRunner().invoke(app, args)
+
+
+def write_bad_samples(path, kind):
+    if kind == "dtype":
+        np.savez(path, images=np.zeros((10, 28, 28), np.float32), labels=np.zeros(10, np.int64))
+    elif kind == "shape":
+        np.savez(path, images=np.zeros((10, 32, 32), np.uint8), labels=np.zeros(10, np.int64))
+    elif kind == "labels":
+        np.savez(path, images=np.zeros((10, 28, 28), np.uint8), labels=np.zeros(9, np.int64))
+    else:
+        path.write_bytes(b"not an npz")
+
+
+CASES = [
+    # (stage, params change, extra setup, expected words in the error)
+    ("prepare", ("data.source", "imagenet"), None, "data.source must be one of"),
+    ("prepare", ("data.sourse", "mnist"), None, "unknown key 'data.sourse' (did you mean 'data.source'?)"),
+    ("prepare", ("data.val_fraction", 1.5), None, "data.val_fraction must be in (0, 1)"),
+    ("train", ("train.lr", -1), None, "train.lr must be > 0, got -1"),
+    ("train", ("train.lr", 0), None, "train.lr must be > 0, got 0"),
+    ("train", ("train.batch_size", 0), None, "train.batch_size must be > 0"),
+    ("train", ("train.epochs", "ten"), None, "train.epochs must be an integer"),
+    ("train", ("model.attention_resolutions", [5]), None, "model.attention_resolutions: 5 is not a resolution"),
+    ("train", ("model.norm_groups", 5), None, "model.norm_groups (5) must divide"),
+    ("train", ("diffusion.schedule", "sigmoid"), None, "diffusion.schedule must be"),
+    ("train", ("train.device", "tpu"), None, "train.device must be"),
+    ("train", None, "no-data", "stats.json: missing"),
+    ("sample", ("sample.guidance_scale", -1.0), None, "sample.guidance_scale must be >= 0"),
+    ("sample", ("sample.steps", 5000), None, "sample.steps must be in [1, diffusion.timesteps=1000]"),
+    ("sample", ("sample.sampler", "euler"), None, "sample.sampler must be one of"),
+    ("sample", None, "no-model", "models/model.pt: model file not found"),
+    ("sample", None, "truncated-model", "model.pt: not a readable model file"),
+    ("sample", None, "pickle-model", "model.pt: not a readable model file"),
+    ("sample", None, "other-config-model", "was trained with model.base_channels=8 but params say 16"),
+    ("evaluate", ("clip.models", ["ViT-Z-99:foo"]), None, "unknown open_clip architecture 'ViT-Z-99'"),
+    ("evaluate", ("clip.models", ["clip-vit"]), None, "clip.models[0] must be 'digit-clip'"),
+    ("evaluate", ("clip.models", ["ViT-B-32:/no/such/weights.bin"]), None, "weights file /no/such/weights.bin not found"),
+    ("evaluate", None, "no-digit-clip", "digit-clip.pt: digit-clip model not found"),
+    ("prepare", None, "bad-yaml", "not valid YAML"),
+    ("prepare", None, "wrong-top-type", "seed must be an integer"),
+]
+
+
+@pytest.mark.parametrize("stage,change,setup,expected", CASES, ids=[f"{c[0]}-{c[2] or c[1][0]}" for c in CASES])
+def test_bad_input_is_refused_early_and_clearly(workspace, stage, change, setup, expected):
+    tmp, sentinel = workspace
+    raw = None
+    if setup == "bad-yaml":
+        raw = "train: [1, 2\n"
+    elif setup == "wrong-top-type":
+        raw = "seed: [1]\n"
+    params = params_with(tmp, *(change or (None, None)), raw=raw)
+    (tmp / "models").mkdir(exist_ok=True)
+    if setup in ("truncated-model", "pickle-model", "other-config-model"):
+        from diffusion_core.checkpoint import build_model, save_model
+        from diffusion_core.config import config_from_dict
+
+        if setup == "truncated-model":
+            (tmp / "models" / "model.pt").write_bytes(b"PK\x03\x04 truncated")
+        elif setup == "pickle-model":
+            class Evil:
+                def __reduce__(self):
+                    return (print, ("pwned",))
+
+            torch.save({"format": 1, "config": {}, "model": Evil()}, tmp / "models" / "model.pt")
+        else:
+            cfg = config_from_dict({"model": {"base_channels": 8, "norm_groups": 4}})
+            info = {"channels": 1, "size": 28, "class_names": [str(i) for i in range(10)]}
+            model, _ = build_model(cfg, info)
+            save_model(tmp / "models" / "model.pt", model.state_dict(), cfg, info, {})
+    if stage == "evaluate" and setup != "no-digit-clip":
+        (tmp / "models" / "digit-clip.pt").write_bytes(b"x")
+    result = invoke(stage, ["--params", str(params)])
+    assert result.exit_code == 2, result.output
+    err = result.stderr.strip()
+    assert expected in err, err
+    assert len(err.splitlines()) == 1 and err.startswith("error: ")
+    assert sentinel.read_bytes() == b"earlier output"
+
+
+@pytest.mark.parametrize("kind,expected", [("dtype", "'images' must be uint8"), ("shape", "must be [N, 28, 28]"),
+                                           ("labels", "'labels' must be int64 [N] matching"), ("garbage", "not a samples file")])
+def test_bad_samples_file_is_refused(tmp_path, kind, expected):
+    from diffusion_core.data import DataError
+    from stages.evaluate import load_samples
+
+    path = tmp_path / "samples.npz"
+    write_bad_samples(path, kind)
+    with pytest.raises(DataError, match="samples.npz") as err:
+        load_samples(path, 10, 1, 28)
+    assert expected in str(err.value)
