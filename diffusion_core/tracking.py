@@ -68,6 +68,7 @@ def setup() -> str:
     """Point MLflow at the tracking URI and experiment; returns the URI."""
     import mlflow
 
+    local_default = "MLFLOW_TRACKING_URI" not in os.environ  # read before mlflow sets it
     uri = tracking_uri()
     check_reachable(uri)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -75,7 +76,7 @@ def setup() -> str:
     if mlflow.get_experiment_by_name(EXPERIMENT) is None:
         # With the local database, artifacts go beside it (not to ./mlruns of whatever folder the
         # stage runs in: a queued experiment's temporary copy would take them away).
-        location = (repo_root() / "mlartifacts").as_uri() if uri.startswith("sqlite:") and "MLFLOW_TRACKING_URI" not in os.environ else None
+        location = (repo_root() / "mlartifacts").as_uri() if local_default else None
         try:
             mlflow.create_experiment(EXPERIMENT, artifact_location=location)
         except Exception:  # noqa: BLE001 - created concurrently by another stage or process
