@@ -45,7 +45,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    base_channels: int = 32
+    base_channels: int = 16
     channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])
     num_res_blocks: int = 1
     attention_resolutions: list[int] = field(default_factory=lambda: [7])
@@ -68,7 +68,7 @@ class DiffusionConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 20
+    epochs: int = 14
     batch_size: int = 32
     lr: float = 2e-3
     weight_decay: float = 0.0
@@ -78,8 +78,8 @@ class TrainConfig:
     ema_decay: float = 0.999
     cond_drop_prob: float = 0.1  # probability of replacing the label by the null class
     checkpoint_every: int = 500  # steps between checkpoints (and one at the end of each epoch)
-    grid_sampler: str = "ddim"  # sampler of the per-epoch fixed-noise grid
-    grid_steps: int = 20
+    grid_sampler: str = "dpm++2m"  # sampler of the per-epoch fixed-noise grid
+    grid_steps: int = 10
     grid_per_class: int = 4
     grid_guidance: float = 3.0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -89,8 +89,8 @@ class TrainConfig:
 @dataclass
 class SampleConfig:
     per_class: int = 50
-    sampler: str = "ddim"  # ddpm | ddim | dpm++2m
-    steps: int = 20  # ignored by ddpm, which always takes diffusion.timesteps steps
+    sampler: str = "dpm++2m"  # ddpm | ddim | dpm++2m
+    steps: int = 10  # ignored by ddpm, which always takes diffusion.timesteps steps
     eta: float = 0.0  # DDIM stochasticity (0 = deterministic DDIM, 1 ~ DDPM)
     guidance_scale: float = 3.0  # w in eps = eps_c + w (eps_c - eps_u); 0 = purely conditional
     batch_size: int = 250

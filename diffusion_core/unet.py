@@ -5,7 +5,8 @@
   feature maps of every residual block;
 * an encoder of residual blocks and stride-2 downsampling, a middle block, and a decoder that
   concatenates the encoder's feature maps (skip connections) before each of its residual blocks;
-* multi-head self-attention at the resolutions listed in ``attention_resolutions``.
+* multi-head self-attention in the middle block (lowest resolution) and in the encoder and
+  decoder blocks at the resolutions listed in ``attention_resolutions``.
 
 Sizes halve exactly at each level (28 -> 14 -> 7, 32 -> 16 -> 8) and nearest-neighbour upsampling
 doubles them back, so the output has the input's shape with no padding or cropping.
@@ -123,7 +124,7 @@ class UNet(nn.Module):
                 skip_chs.append(ch)
 
         self.mid1 = ResBlock(ch, ch, emb_dim, norm_groups, dropout)
-        self.mid_attn = SelfAttention(ch, num_heads, norm_groups) if resolutions[-1] in attn else nn.Identity()
+        self.mid_attn = SelfAttention(ch, num_heads, norm_groups)  # always: the middle block sees the whole image
         self.mid2 = ResBlock(ch, ch, emb_dim, norm_groups, dropout)
 
         self.up = nn.ModuleList()

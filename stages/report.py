@@ -168,7 +168,9 @@ def main(
             f"The network ε_θ(x_t, t, y) built from `params.yaml` (`model` group): {count_parameters(model):,} parameters. "
             f"Sinusoidal time embeddings and a learned class embedding ({len(names)} classes + 1 null class for guidance) "
             f"are summed and added to the feature maps of every residual block; decoder blocks concatenate the encoder's "
-            f"feature maps (skip connections); self-attention sits at {mcfg.model.attention_resolutions}.\n"
+            f"feature maps (skip connections); self-attention sits in the middle block ({model.resolutions[-1]}x{model.resolutions[-1]})"
+            + (f" and in the blocks at {mcfg.model.attention_resolutions}" if mcfg.model.attention_resolutions else "")
+            + ".\n"
         )
         add(R.md_table(arch, ".0f") + "\n")
 

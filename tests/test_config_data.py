@@ -89,3 +89,9 @@ def test_full_mnist_through_torchvision_offline(mnist_root):
 def test_full_mnist_missing_files_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="data.root"):
         build_splits("mnist", root=str(tmp_path), download=False)
+
+
+def test_params_yaml_holds_the_documented_defaults():
+    from conftest import REPO
+
+    assert load_config(REPO / "params.yaml") == Config()

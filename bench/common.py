@@ -1,0 +1,62 @@
+"""Shared helpers for the benchmarks: timing medians, the machine, full MNIST from ../shared."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import platform
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
+CACHE = REPO / "bench" / ".cache"
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def median_time(fn, repeats: int = 3) -> tuple[float, list[float]]:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+def mnist_root() -> Path:
+    """Full MNIST in torchvision's layout (CACHE/MNIST/raw), unpacked from ../shared/data/mnist."""
+    raw = CACHE / "MNIST" / "raw"
+    if not (raw / "t10k-labels-idx1-ubyte").is_file():
+        if not SHARED_MNIST.is_dir():
+            raise SystemExit(f"{SHARED_MNIST} not found: the benchmarks need full MNIST there")
+        raw.mkdir(parents=True, exist_ok=True)
+        for gz in SHARED_MNIST.glob("*.gz"):
+            with gzip.open(gz, "rb") as src, open(raw / gz.name[:-3], "wb") as dst:
+                shutil.copyfileobj(src, dst)
+    return CACHE
+
+
+def md_table(rows: list[dict]) -> str:
+    cols = list(rows[0])
+
+    def fmt(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    out = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    out += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(out)

@@ -1,0 +1,136 @@
+"""An independent judge for the benchmarks: a small CNN trained on full MNIST (60k digits).
+
+It is a benchmark tool, not the product's judge (the product uses CLIP). Trained once and cached in
+bench/.cache/mnist_cnn.pt. Gives judged accuracy (overall, per digit) and a Frechet distance in its
+penultimate-layer feature space against real MNIST test digits.
+
+    python bench/mnist_judge.py            # trains if needed, prints its accuracy on the test set
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import CACHE, mnist_root  # noqa: E402
+from diffusion_core.clip_eval import frechet_distance  # noqa: E402
+
+WEIGHTS = CACHE / "mnist_cnn.pt"
+
+
+class CNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(64 * 7 * 7, 128), nn.ReLU(),
+        )
+        self.head = nn.Linear(128, 10)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def load_mnist(train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    import torchvision
+
+    ds = torchvision.datasets.MNIST(str(mnist_root()), train=train, download=False)
+    return ds.data[:, None].clone(), ds.targets.clone()
+
+
+def prep(images_uint8: torch.Tensor) -> torch.Tensor:
+    x = images_uint8.float() / 255.0
+    return (x - 0.1307) / 0.3081
+
+
+def train_judge(epochs: int = 2, seed: int = 0) -> CNN:
+    torch.manual_seed(seed)
+    x, y = load_mnist(True)
+    model = CNN()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    steps = epochs * (len(y) // 128)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps)
+    g = torch.Generator().manual_seed(seed)
+    t0 = time.time()
+    for _ in range(epochs):
+        perm = torch.randperm(len(y), generator=g)
+        for i in range(len(y) // 128):
+            idx = perm[i * 128 : (i + 1) * 128]
+            xb = x[idx]
+            # small random shifts: generated digits are not always centred like MNIST's
+            dx, dy = torch.randint(-2, 3, (2,), generator=g).tolist()
+            xb = torch.roll(xb, shifts=(dy, dx), dims=(2, 3))
+            loss = F.cross_entropy(model(prep(xb)), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    print(f"trained the MNIST judge in {time.time() - t0:.0f}s", file=sys.stderr)
+    return model.eval()
+
+
+def get_judge() -> CNN:
+    model = CNN()
+    if WEIGHTS.is_file():
+        model.load_state_dict(torch.load(WEIGHTS, weights_only=True))
+        return model.eval()
+    model = train_judge()
+    WEIGHTS.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), WEIGHTS)
+    return model
+
+
+@torch.no_grad()
+def judge(model: CNN, images_uint8: torch.Tensor, batch: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (predicted class [N], penultimate features [N, 128])."""
+    if images_uint8.dim() == 3:
+        images_uint8 = images_uint8[:, None]
+    preds, feats = [], []
+    for chunk in torch.split(images_uint8, batch):
+        f = model.features(prep(chunk))
+        feats.append(f)
+        preds.append(model.head(f).argmax(1))
+    return torch.cat(preds), torch.cat(feats)
+
+
+_REAL_CACHE: dict = {}
+
+
+def quality(images_uint8: torch.Tensor, labels: torch.Tensor, model: CNN | None = None) -> dict:
+    """Judged accuracy (overall, worst digit), FD to as many real test digits, and the real-vs-real FD."""
+    model = model or get_judge()
+    pred, feat = judge(model, images_uint8)
+    labels = labels.long()
+    per = [float((pred[labels == c] == c).float().mean()) for c in range(10) if (labels == c).any()]
+    n = len(labels)
+    if "test" not in _REAL_CACHE:
+        xt, yt = load_mnist(False)
+        xtr, ytr = load_mnist(True)
+        _REAL_CACHE["test"] = judge(model, xt)[1]
+        _REAL_CACHE["train"] = judge(model, xtr[:10000])[1]
+    g = torch.Generator().manual_seed(0)
+    real = _REAL_CACHE["test"][torch.randperm(len(_REAL_CACHE["test"]), generator=g)[:n]]
+    other = _REAL_CACHE["train"][torch.randperm(len(_REAL_CACHE["train"]), generator=g)[:n]]
+    return {
+        "accuracy": float((pred == labels).float().mean()),
+        "worst_digit": int(np.argmin(per)),
+        "worst_digit_accuracy": float(min(per)),
+        "fd": frechet_distance(feat, real),
+        "fd_real_vs_real": frechet_distance(other, real),
+        "n": n,
+    }
+
+
+if __name__ == "__main__":
+    m = get_judge()
+    x, y = load_mnist(False)
+    pred, _ = judge(m, x)
+    print(f"MNIST judge accuracy on the 10,000 test digits: {(pred == y).float().mean():.4f}")

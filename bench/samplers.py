@@ -1,0 +1,61 @@
+"""Samplers on one trained checkpoint: judged accuracy, Frechet distance and time per 1,000 digits.
+
+    python bench/samplers.py [--model models/model.pt] [--per-class 20] [--ddpm-per-class 10]
+
+Every sampler draws the same labels with the same seed and guidance (sample.guidance_scale of
+params.yaml); the MNIST CNN of bench/mnist_judge.py judges them. Ancestral DDPM takes all T steps,
+so it gets fewer images by default (its time per image is measured all the same).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import machine, md_table  # noqa: E402
+from bench.mnist_judge import get_judge, quality  # noqa: E402
+from diffusion_core.checkpoint import load_model  # noqa: E402
+from diffusion_core.config import load_config  # noqa: E402
+from diffusion_core.data import to_uint8  # noqa: E402
+from diffusion_core.samplers import class_labels  # noqa: E402
+from stages.sample import draw  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="models/model.pt")
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--per-class", type=int, default=20)
+    ap.add_argument("--ddpm-per-class", type=int, default=10)
+    ap.add_argument("--steps", default="10,20,50")
+    args = ap.parse_args()
+    cfg = load_config(args.params)
+    model, diffusion, _, info, meta = load_model(args.model)
+    judge = get_judge()
+    shape = (info["channels"], info["size"], info["size"])
+    runs = [("ddpm", diffusion.timesteps, args.ddpm_per_class)]
+    for n in map(int, args.steps.split(",")):
+        runs += [("ddim", n, args.per_class), ("dpm++2m", n, args.per_class)]
+    rows = []
+    for sampler, steps, per_class in runs:
+        labels = class_labels(10, per_class)
+        t0 = time.perf_counter()
+        images = draw(model, diffusion, labels, sampler, steps, 0.0, cfg.sample.guidance_scale, cfg.seed + 10, shape, 250, progress=False)
+        seconds = time.perf_counter() - t0
+        q = quality(to_uint8(images), labels, judge)
+        rows.append({"sampler": sampler, "steps": steps, "images": len(labels), "accuracy": q["accuracy"],
+                     "worst_digit_accuracy": q["worst_digit_accuracy"], "fd": q["fd"], "fd_real_vs_real": q["fd_real_vs_real"],
+                     "s_per_1000_digits": 1000 * seconds / len(labels)})
+        print(rows[-1], file=sys.stderr)
+    print(f"Machine: {machine()}\nCommand: `python bench/samplers.py --per-class {args.per_class} --ddpm-per-class {args.ddpm_per_class}` "
+          f"(checkpoint {args.model}, {meta.get('steps')} training steps, guidance w={cfg.sample.guidance_scale})\n")
+    print(md_table(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Time to quality on CPU: the default `dvc repro`, stage by stage, judged by an independent CNN.
+
+    python bench/time_to_quality.py [--runs N] [--set key=value ...]
+
+Copies the project into a temporary git + DVC repo, runs `dvc repro --single-item <stage>` for each
+stage in pipeline order (so each stage's wall time includes DVC's own overhead, as in `dvc repro`),
+then judges samples/samples.npz with the MNIST CNN of bench/mnist_judge.py: overall and worst-digit
+accuracy, and the Frechet distance in the CNN's feature space against the same number of real test
+digits (and, for scale, between two real sets of that size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import REPO, machine, md_table  # noqa: E402
+from bench.mnist_judge import get_judge, quality  # noqa: E402
+
+STAGES = ["prepare", "train", "train_clip", "sample", "evaluate", "sweep", "report"]
+
+
+def copy_project(dst: Path, overrides: dict) -> None:
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    for f in files:
+        if f.startswith(("tests/", "reports/", "bench/")) or f == "dvc.lock" or not (REPO / f).is_file():
+            continue
+        (dst / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / f, dst / f)
+    params = yaml.safe_load((dst / "params.yaml").read_text())
+    for dotted, value in overrides.items():
+        group, key = dotted.split(".")
+        params[group][key] = yaml.safe_load(value)
+    (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "-c", "user.email=b@b", "-c", "user.name=bench", "commit", "-qm", "bench"]):
+        subprocess.run(cmd, cwd=dst, check=True, capture_output=True)
+
+
+def one_run(overrides: dict) -> dict:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    with tempfile.TemporaryDirectory() as tmp:
+        dst = Path(tmp) / "repo"
+        copy_project(dst, overrides)
+        env["PYTHONPATH"] = str(dst)
+        times = {}
+        for stage in STAGES:
+            t0 = time.perf_counter()
+            res = subprocess.run(["dvc", "repro", "--single-item", stage], cwd=dst, env=env, capture_output=True, text=True)
+            times[stage] = time.perf_counter() - t0
+            if res.returncode:
+                raise SystemExit(f"stage {stage} failed:\n{res.stderr[-3000:]}")
+            print(f"  {stage}: {times[stage]:.1f}s", file=sys.stderr)
+        with np.load(dst / "samples" / "samples.npz") as f:
+            images, labels = torch.from_numpy(f["images"]), torch.from_numpy(f["labels"])
+        q = quality(images, labels)
+    return {"times": times, "total": sum(times.values()), **q}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--set", action="append", default=[], help="params override key=value")
+    args = ap.parse_args()
+    overrides = dict(s.split("=", 1) for s in args.set)
+    get_judge()  # trained (and cached) before any timing
+    runs = [one_run(overrides) for _ in range(args.runs)]
+    rows = [{"stage": s, "median_s": statistics.median(r["times"][s] for r in runs)} for s in STAGES]
+    rows.append({"stage": "total", "median_s": statistics.median(r["total"] for r in runs)})
+    qrows = [{k: r[k] for k in ("n", "accuracy", "worst_digit", "worst_digit_accuracy", "fd", "fd_real_vs_real")} for r in runs]
+    cmd = "python bench/time_to_quality.py" + "".join(f" --runs {args.runs}" if args.runs != 1 else "") + "".join(f" --set {s}" for s in args.set)
+    print(f"Machine: {machine()}\nCommand: `{cmd}` ({args.runs} run(s); times are medians)\n")
+    print(md_table(rows))
+    print()
+    print(md_table(qrows))
+
+
+if __name__ == "__main__":
+    main()
