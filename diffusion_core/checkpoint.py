@@ -13,6 +13,7 @@ them and a crafted pickle is refused.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -25,6 +26,20 @@ from diffusion_core.diffusion import GaussianDiffusion
 from diffusion_core.unet import UNet
 
 FORMAT_VERSION = 1
+
+
+# The modules whose code decides what training computes. A checkpoint written by other code is not
+# resumed (the run starts over), even when the config is the same.
+TRAINING_CODE = ("config", "data", "schedule", "diffusion", "unet", "samplers", "trainer", "checkpoint")
+
+
+def code_fingerprint() -> str:
+    h = hashlib.sha256()
+    here = Path(__file__).resolve().parent
+    for name in TRAINING_CODE:
+        h.update(name.encode())
+        h.update((here / f"{name}.py").read_bytes())
+    return h.hexdigest()[:16]
 
 
 class CheckpointError(RuntimeError):

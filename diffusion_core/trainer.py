@@ -24,6 +24,7 @@ from diffusion_core.checkpoint import (
     CheckpointError,
     build_model,
     check_same_architecture,
+    code_fingerprint,
     config_of,
     load_file,
     save_atomic,
@@ -187,6 +188,7 @@ class Trainer:
             "train_time_s": self.train_time_s,
             "config": self.cfg.to_dict(),
             "data": self.data_info,
+            "code": code_fingerprint(),
         }
 
     def save_checkpoint(self) -> None:
@@ -202,6 +204,8 @@ class Trainer:
         """
         path = Path(path or self.checkpoint_path)
         obj = load_file(path, "training checkpoint")
+        if obj.get("code") != code_fingerprint():
+            return f"{path} was written by other training code (diffusion_core changed since)"
         stored = config_of(obj, path).flat()
         current = self.cfg.flat()
         for key, value in current.items():

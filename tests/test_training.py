@@ -103,3 +103,19 @@ def test_bad_checkpoints_are_refused_with_the_file_named(mnist5k, tmp_path):
         other.load_checkpoint(ckpt)
     with pytest.raises(CheckpointError, match="not found"):
         load_file(tmp_path / "missing.pt", "model file")
+
+
+def test_a_checkpoint_from_other_settings_or_code_is_not_resumed(mnist5k, tmp_path):
+    cfg = tiny_config()
+    train, val = small(mnist5k)
+    tr = Trainer(cfg, train, val, INFO, tmp_path, progress=False)
+    tr.fit(resume=False, stop_after=2)
+    tr.save_checkpoint()
+    assert tr.resume_mismatch() is None
+    # sampling or tracking-only settings do not block a resume; training settings do
+    assert Trainer(tiny_config(sample={"steps": 7}, train={"checkpoint_every": 3}), train, val, INFO, tmp_path, progress=False).resume_mismatch() is None
+    assert "train.lr" in Trainer(tiny_config(train={"lr": 1e-4}), train, val, INFO, tmp_path, progress=False).resume_mismatch()
+    obj = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    obj["code"] = "0" * 16
+    torch.save(obj, tmp_path / "checkpoint.pt")
+    assert "other training code" in tr.resume_mismatch()
