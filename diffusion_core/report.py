@@ -173,30 +173,31 @@ def confusion_heatmap(conf: pd.DataFrame, judge: str, path: Path) -> Path:
 
 
 def sweep_plot(sweep: pd.DataFrame, path: Path) -> Path:
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    """Guidance: accuracy and Frechet distance against w. Samplers: both against time per image."""
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.2), gridspec_kw={"wspace": 0.45})
     g = sweep[sweep["sweep"] == "guidance"]
+    ax = axes[0]
     if len(g):
-        ax = axes[0]
-        ax.plot(g["guidance_scale"], g["accuracy"], "o-", color="tab:blue", label="judged accuracy")
+        ax.plot(g["guidance_scale"], g["accuracy"], "o-", color="tab:blue")
         ax.set_xlabel("guidance scale w")
         ax.set_ylabel("judged accuracy", color="tab:blue")
         ax2 = ax.twinx()
-        ax2.plot(g["guidance_scale"], g["frechet_distance"], "s--", color="tab:red", label="Frechet distance")
-        ax2.set_ylabel("Frechet distance to real (lower = closer)", color="tab:red")
+        ax2.plot(g["guidance_scale"], g["frechet_distance"], "s--", color="tab:red")
+        ax2.set_ylabel("Frechet distance to real", color="tab:red")
         ax2.grid(False)
-        ax.set_title("Guidance: accuracy vs diversity/realism")
+        ax.set_title("Guidance: accuracy vs closeness to real")
     s = sweep[sweep["sweep"] == "sampler"]
-    if len(s):
-        ax = axes[1]
-        for name, grp in s.groupby("sampler"):
-            ax.plot(grp["seconds_per_image"] * 1000, grp["accuracy"], "o-", label=name)
+    for ax, col, label in ((axes[1], "accuracy", "judged accuracy"), (axes[2], "frechet_distance", "Frechet distance to real")):
+        for k, (name, grp) in enumerate(s.groupby("sampler")):
+            ax.plot(grp["seconds_per_image"] * 1000, grp[col], "o-", label=name)
             for _, r in grp.iterrows():
-                ax.annotate(str(int(r["steps"])), (r["seconds_per_image"] * 1000, r["accuracy"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.set_xscale("log")
-        ax.set_xlabel("ms per image (log)")
-        ax.set_ylabel("judged accuracy")
-        ax.set_title("Samplers: quality vs time (labels = steps)")
-        ax.legend()
+                ax.annotate(f"{int(r['steps'])} steps", (r["seconds_per_image"] * 1000, r[col]), fontsize=7,
+                            xytext=(4, 6 - 14 * k), textcoords="offset points")
+        ax.set_xlabel("ms per image")
+        ax.set_ylabel(label)
+        ax.set_title(f"Samplers: {label} vs time")
+        if len(s):
+            ax.legend()
     return _save(fig, path)
 
 
