@@ -237,7 +237,7 @@ def easiest_hardest_paragraph(ranking: pd.DataFrame, judge: str) -> str:
     if gap["accuracy_gap"] > 0:
         text += (
             f"The largest shortfall against real digits is for {gap['name']}: {gap['accuracy_gap'] * 100:.0f} points "
-            f"below the judge's accuracy on real {gap['name']}s, so that gap is the model's, not the judge's."
+            f"below the judge's accuracy on real digits of that class, so that gap is the model's, not the judge's."
         )
     else:
         text += "No digit falls below the judge's accuracy on real digits of the same class."

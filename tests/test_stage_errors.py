@@ -131,3 +131,29 @@ def test_bad_samples_file_is_refused(tmp_path, kind, expected):
     with pytest.raises(DataError, match="samples.npz") as err:
         load_samples(path, 10, 1, 28)
     assert expected in str(err.value)
+
+
+def test_unreachable_tracking_server_fails_fast_and_names_the_variable(monkeypatch):
+    import socket
+    import time
+
+    from diffusion_core import tracking
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    t0 = time.time()
+    with pytest.raises(tracking.TrackingError, match=f"MLFLOW_TRACKING_URI=http://127.0.0.1:{port}: tracking server not reachable"):
+        tracking.setup()
+    assert time.time() - t0 < 5
+
+
+def test_queued_experiment_copies_track_to_the_original_repository(tmp_path, monkeypatch):
+    from diffusion_core import tracking
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    queued = tmp_path / "repo" / ".dvc" / "tmp" / "exps" / "tmpabc123"
+    assert tracking.repo_root(queued) == tmp_path / "repo"
+    assert tracking.tracking_uri(queued) == f"sqlite:///{tmp_path / 'repo' / 'mlflow.db'}"
+    assert tracking.repo_root(tmp_path / "other") == tmp_path / "other"
