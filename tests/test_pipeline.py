@@ -72,7 +72,10 @@ def test_repro_produces_every_out_and_one_mlflow_run(repo):
         assert len(runs) == 1
         run_id = runs[0][0]
         params = dict(con.execute("select key, value from params where run_uuid=?", (run_id,)).fetchall())
-        assert params["train.epochs"] == "2" and params["sample.sampler"] == "ddim" and params["clip.models"] == "['digit-clip']"
+        import yaml
+
+        sampler = yaml.safe_load((dst / "params.yaml").read_text())["sample"]["sampler"]
+        assert params["train.epochs"] == "2" and params["sample.sampler"] == sampler and params["clip.models"] == "['digit-clip']"
         metrics = {k for (k,) in con.execute("select distinct key from metrics where run_uuid=?", (run_id,))}
         assert {"train/loss", "train/val_loss", "sample/seconds_per_image", "evaluate/digit-clip/accuracy_generated"} <= metrics
         n_loss = con.execute("select count(*) from metrics where run_uuid=? and key='train/loss'", (run_id,)).fetchone()[0]
