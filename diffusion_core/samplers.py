@@ -212,7 +212,7 @@ def sample(
     scheduler.reset()
     n = len(scheduler.timesteps)
     keep = set(record_indices(n, trajectory_points)) if trajectory_points else set()
-    rec_f, rec_t, rec_x, rec_x0 = [], [], [], []
+    recorded: list[tuple[float, int, torch.Tensor, torch.Tensor]] = []  # (fraction, t, x_t, x0)
     steps = zip(scheduler.timesteps.tolist(), scheduler.prev_timesteps.tolist())
     for i, (t, s) in enumerate(progress_bar(list(steps), desc=f"{scheduler.name} sampling", disable=not progress, leave=False)):
         tt = torch.full((len(labels),), t, device=device, dtype=torch.long)
@@ -223,7 +223,7 @@ def sample(
             a = diffusion.sqrt_alpha_bar[t]
             eps = (x - a * x0) / diffusion.sqrt_one_minus_alpha_bar[t]
         if i in keep:
-            rec_f.append(i / n), rec_t.append(t), rec_x.append(x.cpu()), rec_x0.append(x0.cpu())
+            recorded.append((i / n, t, x.cpu(), x0.cpu()))
         noise = None
         if scheduler.stochastic and s >= 0:
             noise = torch.randn(x.shape, generator=generator).to(device)
@@ -231,8 +231,9 @@ def sample(
     images = x.clamp(-1, 1)
     traj = None
     if keep:
-        rec_f.append(1.0), rec_t.append(-1), rec_x.append(images.cpu()), rec_x0.append(images.cpu())
-        traj = Trajectory(torch.tensor(rec_f), torch.tensor(rec_t), torch.stack(rec_x), torch.stack(rec_x0))
+        recorded.append((1.0, -1, images.cpu(), images.cpu()))
+        fr, ts, xs, x0s = zip(*recorded)
+        traj = Trajectory(torch.tensor(fr), torch.tensor(ts), torch.stack(xs), torch.stack(x0s))
     return SampleResult(images.cpu(), labels.cpu(), traj)
 
 

@@ -197,13 +197,14 @@ class Trainer:
     # Settings that do not change the trained weights: a checkpoint differing only in these resumes.
     RESUME_IGNORES = {"train.device", "train.num_threads", "train.checkpoint_every", "data.root", "data.download"}
 
-    def resume_mismatch(self, path: str | Path | None = None) -> str | None:
+    def resume_mismatch(self, path: str | Path | None = None, obj: dict | None = None) -> str | None:
         """Why ``path`` (default: checkpoint.pt) cannot be resumed by this run; None if it can.
 
-        An unreadable file raises :class:`CheckpointError` (never silently overwritten).
+        ``obj`` is the already-loaded file, if the caller has it. An unreadable file raises
+        :class:`CheckpointError` (never silently overwritten).
         """
         path = Path(path or self.checkpoint_path)
-        obj = load_file(path, "training checkpoint")
+        obj = obj if obj is not None else load_file(path, "training checkpoint")
         if obj.get("code") != code_fingerprint():
             return f"{path} was written by other training code (diffusion_core changed since)"
         stored = config_of(obj, path).flat()
@@ -220,7 +221,7 @@ class Trainer:
         obj = load_file(path, "training checkpoint")
         stored = config_of(obj, path)
         check_same_architecture(stored, self.cfg, path)
-        mismatch = self.resume_mismatch(path)
+        mismatch = self.resume_mismatch(path, obj)  # the file is read once
         if mismatch:
             raise CheckpointError(f"cannot resume: {mismatch}")
         try:
