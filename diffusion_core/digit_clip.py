@@ -1,9 +1,12 @@
-"""digit-clip: a small CLIP trained offline on the training split, the pipeline's default judge.
+"""The dataset CLIP ("digit-clip", alias "dataset-clip"): a small CLIP trained offline on the
+training split of whatever dataset the pipeline runs on; the pipeline's default judge.
 
-It is a real open_clip ``CLIP`` (a ViT image tower on 28x28 digits with 4x4 patches, a text
-transformer with open_clip's BPE tokenizer) trained with open_clip's ``ClipLoss`` on pairs of a
-digit and a caption drawn from :data:`DIGIT_TEMPLATES` for its class. Images get small random
-shifts so the judge does not depend on exact centring.
+It is a real open_clip ``CLIP`` (a ViT image tower at the dataset's image size with 4x4 patches:
+7x7 patches on 28x28 digits or Fashion-MNIST, 8x8 on 32x32 CIFAR-10; grey images enter as three
+equal channels; a text transformer with open_clip's BPE tokenizer) trained with open_clip's
+``ClipLoss`` on pairs of an image and a caption drawn from the dataset's templates for its class
+(:data:`~diffusion_core.data.DIGIT_TEMPLATES` for digits). Images get small random shifts so the
+judge does not depend on exact centring, and random horizontal flips where the dataset has them.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from diffusion_core.progress import progress_bar
 from diffusion_core.checkpoint import FORMAT_VERSION, load_file, save_atomic
 from diffusion_core.checkpoint import CheckpointError
 from diffusion_core.clip_judge import DIGIT_TEMPLATES, ClipJudge, class_prompts, to_clip_input
-from diffusion_core.data import to_model_range
+from diffusion_core.data import random_hflip, to_model_range
 
 CONTEXT_LENGTH = 24
 
@@ -45,12 +48,16 @@ def build(arch: dict[str, Any]):
     return model, tokenizer, preprocess
 
 
-def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
-    """Translate each image by up to ``max_shift`` pixels each way (background = -1)."""
+def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator, pad: str = "constant") -> torch.Tensor:
+    """Translate each image by up to ``max_shift`` pixels each way.
+
+    ``pad="constant"`` fills the uncovered border with -1 (the black background of digits and
+    Fashion-MNIST); ``"replicate"`` repeats the edge pixels (photos, which have no background).
+    """
     if max_shift == 0:
         return x
     n, c, h, w = x.shape
-    padded = F.pad(x, (max_shift,) * 4, value=-1.0)
+    padded = F.pad(x, (max_shift,) * 4, value=-1.0) if pad == "constant" else F.pad(x, (max_shift,) * 4, mode=pad)
     dy = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator)
     dx = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator)
     rows = (dy[:, None] + torch.arange(h))[:, None, :, None]
@@ -70,8 +77,15 @@ def train_digit_clip(
     seed: int,
     max_shift: int = 2,
     progress: bool = True,
+    templates: tuple[str, ...] = DIGIT_TEMPLATES,
+    hflip: bool = False,
+    pad: str = "constant",
 ):
-    """Train digit-clip; returns (model, tokenizer, preprocess, arch, seconds)."""
+    """Train the dataset CLIP on captions ``templates`` x ``class_names`` (the caption names).
+
+    ``hflip`` adds random horizontal flips, ``pad`` is :func:`random_shift`'s border fill. Returns
+    (model, tokenizer, preprocess, arch, seconds).
+    """
     from open_clip.loss import ClipLoss
 
     torch.manual_seed(seed)
@@ -80,7 +94,7 @@ def train_digit_clip(
     y_all = train["labels"]
     arch = arch_config(x_all.shape[-1], width, layers, embed_dim)
     model, tokenizer, preprocess = build(arch)
-    prompts = class_prompts(class_names)
+    prompts = class_prompts(class_names, templates)
     n_t = len(prompts[0])
     tokens = tokenizer([p for row in prompts for p in row])  # [K*T, L]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
@@ -96,7 +110,9 @@ def train_digit_clip(
         for i in range(steps_per_epoch):
             idx = perm[i * batch_size : (i + 1) * batch_size]
             y = y_all[idx]
-            x = random_shift(x_all[idx], max_shift, g)
+            x = random_shift(x_all[idx], max_shift, g, pad)
+            if hflip:
+                x = random_hflip(x, g)
             template = torch.randint(0, n_t, (len(y),), generator=g)
             text = tokens[y * n_t + template]
             img_f, txt_f, scale = model(to_clip_input(x, preprocess), text)
@@ -114,7 +130,10 @@ def train_digit_clip(
     return model, tokenizer, preprocess, arch, time.perf_counter() - t0
 
 
-def save_digit_clip(path: str | Path, model, arch: dict, preprocess: dict, class_names: list[str], meta: dict) -> None:
+def save_digit_clip(
+    path: str | Path, model, arch: dict, preprocess: dict, class_names: list[str], meta: dict,
+    templates: tuple[str, ...] = DIGIT_TEMPLATES,
+) -> None:
     save_atomic(
         {
             "format": FORMAT_VERSION,
@@ -123,7 +142,7 @@ def save_digit_clip(path: str | Path, model, arch: dict, preprocess: dict, class
             "arch": arch,
             "preprocess": {k: list(v) if isinstance(v, tuple) else v for k, v in preprocess.items()},
             "class_names": class_names,
-            "templates": list(DIGIT_TEMPLATES),
+            "templates": list(templates),
             "config": meta.get("config", {}),
             "meta": {k: v for k, v in meta.items() if k != "config"},
         },
@@ -131,11 +150,21 @@ def save_digit_clip(path: str | Path, model, arch: dict, preprocess: dict, class
     )
 
 
-def load_digit_clip(path: str | Path):
-    """-> (model in eval mode, tokenizer, preprocess)."""
+def load_digit_clip(path: str | Path, expect_classes: list[str] | None = None):
+    """-> (model in eval mode, tokenizer, preprocess).
+
+    ``expect_classes``: the caption names of the current dataset; a model trained on other classes
+    (another dataset) is refused rather than silently judging with the wrong vocabulary.
+    """
     obj = load_file(path, "digit-clip model (run the train_clip stage)")
     if obj.get("kind") != "digit-clip":
         raise CheckpointError(f"{path}: not a digit-clip model")
+    if expect_classes is not None and list(obj.get("class_names", [])) != list(expect_classes):
+        trained = ", ".join(map(str, obj.get("class_names", [])[:3]))
+        raise CheckpointError(
+            f"{path}: trained on other classes ({trained}, ...) than this dataset's "
+            f"({', '.join(expect_classes[:3])}, ...); run the train_clip stage"
+        )
     model, tokenizer, _ = build(obj["arch"])
     model.load_state_dict(obj["model"])
     preprocess = {k: tuple(v) if isinstance(v, list) else v for k, v in obj["preprocess"].items()}

@@ -5,18 +5,27 @@ e is a permutation drawn from a generator seeded by (seed, e); the diffusion noi
 dropout) comes from one generator whose state is checkpointed. So a run resumed from any checkpoint
 replays exactly the batches and noise of a run that never stopped, and ends with the same weights
 (bit for bit on CPU).
+
+Data parallel (``torchrun --nproc_per_node=N -m stages.train``): ``train.batch_size`` is the global
+batch; process r trains on positions r, r + N, ... of each global batch (``DistributedSampler``'s
+split of the same epoch permutation) and takes the same positions of the noise drawn for the global
+batch, so N processes compute the single-process update up to the order of float additions.
+Rank 0 alone validates, draws the grids and writes files.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 from torch.optim.swa_utils import AveragedModel
+from torch.utils.data import DistributedSampler
 from diffusion_core.progress import progress_bar
 
 from diffusion_core.checkpoint import (
@@ -30,8 +39,8 @@ from diffusion_core.checkpoint import (
     save_atomic,
     save_model,
 )
-from diffusion_core.config import Config
-from diffusion_core.data import to_model_range
+from diffusion_core.config import Config, ConfigError
+from diffusion_core.data import DATASETS, random_hflip, to_model_range
 from diffusion_core.images import save_grid
 from diffusion_core.samplers import class_labels, make_scheduler, sample
 
@@ -42,12 +51,98 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
+    """``train.device`` -> a device; ``local_rank`` (under torchrun) picks this process's GPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name!r} but CUDA is not available on this machine")
+        raise ConfigError(f"train.device={name!r} but CUDA is not available on this machine")
+    if local_rank is not None and name.startswith("cuda"):
+        if name != "cuda":
+            raise ConfigError(f"train.device={name!r} pins one GPU, but torchrun started several processes; use auto or cuda (each process takes cuda:LOCAL_RANK)")
+        return torch.device("cuda", local_rank)
     return torch.device(name)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process stands in a data-parallel run; rank 0 of 1 outside torchrun."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_info() -> DistInfo:
+    """From an initialized process group, else from torchrun's RANK / WORLD_SIZE / LOCAL_RANK."""
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), local)
+    return DistInfo(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), local)
+
+
+def init_process_group(device: torch.device) -> bool:
+    """Join torchrun's process group (NCCL on CUDA, gloo on CPU); True if this call created it."""
+    if dist.is_initialized():
+        return False
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
+    return True
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """Seed of the global torch RNG (dropout) of process ``rank`` > 0 in a data-parallel run."""
+    return (seed + 1) * 1_000_003 + 7_919 * rank
+
+
+def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """``train.precision`` -> the autocast dtype, or None for plain float32."""
+    if precision == "fp32":
+        return None
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        if precision == "bf16":
+            raise ConfigError(f"train.precision=bf16 but {torch.cuda.get_device_name(device)} has no bfloat16 support; use fp32 or auto")
+        return None  # auto on a pre-Ampere GPU: float32 (fp16 would need loss scaling)
+    if precision == "auto" and device.type != "cuda":
+        return None
+    return torch.bfloat16
+
+
+def set_tf32(enabled: bool) -> None:
+    """TF32 tensor cores for float32 matmuls and cuDNN convolutions (CUDA, Ampere or newer)."""
+    mode = "tf32" if enabled else "ieee"
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9
+        torch.backends.cuda.matmul.fp32_precision = mode
+        torch.backends.cudnn.conv.fp32_precision = mode
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
+
+
+class EpochShardSampler(DistributedSampler):
+    """``DistributedSampler`` (drop_last) whose epoch permutation is :func:`epoch_permutation`.
+
+    Rank r gets ``perm[r::world]``, so its k-th batch of ``batch_size / world`` indices is the
+    positions r, r + world, ... of the single-process k-th batch ``perm[k*B:(k+1)*B]``. With one
+    process it yields ``perm`` itself: single-process runs keep the exact order they always had.
+    """
+
+    def __init__(self, n: int, seed: int, world: int = 1, rank: int = 0) -> None:
+        super().__init__(range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+
+    def indices(self) -> torch.Tensor:
+        perm = epoch_permutation(len(self.dataset), self.seed, self.epoch)
+        return perm[self.rank : self.total_size : self.num_replicas]
+
+    def __iter__(self):
+        return iter(self.indices().tolist())
 
 
 def lr_lambda(warmup: int, total: int, schedule: str) -> Callable[[int], float]:
@@ -111,7 +206,8 @@ class Trainer:
     """Trains eps_theta on in-memory uint8 splits; writes checkpoints and grids under ``out_dir``.
 
     ``on_step(step, record)`` and ``on_epoch(epoch, record, grid_path)`` are optional callbacks
-    (used by the pipeline to log to MLflow).
+    (used by the pipeline to log to MLflow); in a data-parallel run only rank 0 calls them.
+    Started by torchrun (``WORLD_SIZE`` > 1), it joins the process group; :meth:`close` leaves it.
     """
 
     def __init__(
@@ -132,7 +228,11 @@ class Trainer:
         self.on_step, self.on_epoch, self.progress = on_step, on_epoch, progress
         if self.tc.num_threads:
             torch.set_num_threads(self.tc.num_threads)
-        self.device = resolve_device(self.tc.device)
+        self.dist = dist_info()
+        self.rank, self.world = self.dist.rank, self.dist.world
+        self.is_main = self.dist.is_main
+        self.device = resolve_device(self.tc.device, self.dist.local_rank if self.world > 1 else None)
+        self.amp_dtype = amp_dtype(self.tc.precision, self.device)
         self.x_train = to_model_range(train["images"]).to(self.device)
         self.y_train = train["labels"].to(self.device)
         self.x_val = to_model_range(val["images"]).to(self.device)
@@ -140,23 +240,47 @@ class Trainer:
         n = len(self.y_train)
         if n == 0:
             raise ValueError("the training split is empty")
-        self.batch_size = min(self.tc.batch_size, n)
+        self.batch_size = min(self.tc.batch_size, n)  # the global batch, over all processes
+        if self.batch_size % self.world:
+            capped = f" (capped to the {n} training images)" if self.tc.batch_size > n else ""
+            raise ConfigError(
+                f"train.batch_size is the global batch and must be divisible by the number of processes "
+                f"({self.world}), got {self.tc.batch_size}{capped}"
+            )
+        self.local_batch = self.batch_size // self.world
         self.steps_per_epoch = n // self.batch_size
         self.total_steps = self.steps_per_epoch * self.tc.epochs
+        self.sampler = EpochShardSampler(n, cfg.seed, self.world, self.rank)
+        self._owns_group = init_process_group(self.device) if self.world > 1 else False
+        if self.device.type == "cuda":
+            set_tf32(self.tc.tf32)
 
         torch.manual_seed(cfg.seed)
         self.model, self.diffusion = build_model(cfg, data_info)
         self.model.to(self.device)
         self.diffusion.to(self.device)
+        # self.model is the plain network (its state dict is what checkpoints hold); self.net is
+        # what training calls: the same parameters, wrapped for data parallelism and/or compiled.
+        self.net: torch.nn.Module = self.model
+        if self.world > 1:
+            ids = [self.device] if self.device.type == "cuda" else None
+            self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+            if self.rank > 0:  # dropout masks: a stream of its own per process (rank 0 keeps seed's)
+                torch.manual_seed(rank_seed(cfg.seed, self.rank))
+        if self.tc.compile:
+            self.net = torch.compile(self.net)
         self.ema = AveragedModel(self.model, multi_avg_fn=ema_warmup_multi_avg_fn(self.tc.ema_decay), use_buffers=True)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.tc.lr, weight_decay=self.tc.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(self.tc.warmup_steps, self.total_steps, self.tc.lr_schedule)
         )
         self.noise_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
+        # Random horizontal flips (datasets with hflip, e.g. cifar10) from their own checkpointed generator.
+        self.hflip = DATASETS[cfg.data.source].hflip
+        self.flip_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 4)
         self.step = 0
         self.history = History()
-        self.autocast = self.device.type == "cuda"
+        self.autocast = self.amp_dtype is not None
         self.train_time_s = 0.0
 
     # -- paths --------------------------------------------------------------------------------
@@ -172,10 +296,21 @@ class Trainer:
         return self.out_dir / "grids" / f"epoch_{epoch:03d}.png"
 
     # -- checkpoints ----------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        rng = {"torch": torch.get_rng_state(), "noise": self.noise_gen.get_state()}
+    def _own_rng(self) -> dict[str, torch.Tensor]:
+        """This process's global RNG states (dropout), which differ between ranks."""
+        own = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+            own["cuda"] = torch.cuda.get_rng_state(self.device)
+        return own
+
+    def state_dict(self) -> dict[str, Any]:
+        """The full training state. In a data-parallel run every rank must call it (it gathers
+        each rank's RNG states); the noise and flip generators are the same on every rank."""
+        rng = {**self._own_rng(), "noise": self.noise_gen.get_state(), "flip": self.flip_gen.get_state()}
+        if self.world > 1:
+            ranks: list[Any] = [None] * self.world
+            dist.all_gather_object(ranks, self._own_rng())
+            rng["ranks"] = ranks
         return {
             "format": FORMAT_VERSION,
             "model": self.model.state_dict(),
@@ -189,13 +324,21 @@ class Trainer:
             "config": self.cfg.to_dict(),
             "data": self.data_info,
             "code": code_fingerprint(),
+            "world_size": self.world,
         }
 
     def save_checkpoint(self) -> None:
-        save_atomic(self.state_dict(), self.checkpoint_path)
+        """Rank 0 writes; in a data-parallel run every rank must call it (see :meth:`state_dict`)."""
+        state = self.state_dict()
+        if self.is_main:
+            save_atomic(state, self.checkpoint_path)
 
     # Settings that do not change the trained weights: a checkpoint differing only in these resumes.
-    RESUME_IGNORES = {"train.device", "train.num_threads", "train.checkpoint_every", "data.root", "data.download"}
+    # train.device and train.compile change which kernels run (so the last bits) but not the maths
+    # or its precision: a run may move to another device or be compiled and keep its progress, as it
+    # may move to another number of processes. train.precision and train.tf32 change the arithmetic
+    # itself (bf16 / TF32 matmuls), so a checkpoint written with others is not resumed.
+    RESUME_IGNORES = {"train.device", "train.num_threads", "train.checkpoint_every", "train.compile", "data.root", "data.download"}
 
     def resume_mismatch(self, path: str | Path | None = None, obj: dict | None = None) -> str | None:
         """Why ``path`` (default: checkpoint.pt) cannot be resumed by this run; None if it can.
@@ -232,10 +375,20 @@ class Trainer:
         except (RuntimeError, KeyError, ValueError) as exc:
             raise CheckpointError(f"{path}: does not fit this model ({str(exc).splitlines()[0]})") from None
         self.step = int(obj["step"])
-        torch.set_rng_state(obj["rng"]["torch"])
-        self.noise_gen.set_state(obj["rng"]["noise"])
-        if "cuda" in obj["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(obj["rng"]["cuda"], self.device)
+        rng = obj["rng"]
+        # Each process's own global RNG (dropout): saved per rank by a data-parallel run. Resumed
+        # with another number of processes, rank 0 takes rank 0's and the others fresh streams.
+        ranks = rng.get("ranks")
+        own = ranks[self.rank] if ranks is not None and len(ranks) == self.world else rng if self.is_main else None
+        if own is None:
+            torch.manual_seed(rank_seed(self.cfg.seed, self.rank) + self.step)
+        else:
+            torch.set_rng_state(own["torch"])
+            if "cuda" in own and self.device.type == "cuda":
+                torch.cuda.set_rng_state(own["cuda"], self.device)
+        self.noise_gen.set_state(rng["noise"])
+        if "flip" in rng:
+            self.flip_gen.set_state(rng["flip"])
         self.history = History(**obj["history"])
         self.train_time_s = float(obj.get("train_time_s", 0.0))
 
@@ -254,7 +407,7 @@ class Trainer:
             x0, y = self.x_val[i : i + batch_size], self.y_val[i : i + batch_size]
             t = torch.randint(0, self.diffusion.timesteps, (len(y),), device=self.device, generator=g)
             eps = torch.randn(x0.shape, device=self.device, generator=g)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.autocast):
                 losses.append(self.diffusion.per_sample_loss(model, x0, y, t, eps).float())
             ts.append(t)
         loss, t = torch.cat(losses), torch.cat(ts)
@@ -277,12 +430,37 @@ class Trainer:
         return save_grid(res.images, self.grid_path(epoch), nrow=tc.grid_per_class)
 
     # -- the loop -------------------------------------------------------------------------------
+    def _mean_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean of a scalar over all processes (itself in a single-process run)."""
+        if self.world == 1:
+            return value
+        value = value.detach().float().clone()
+        dist.all_reduce(value)
+        return value / self.world
+
+    def _barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier(device_ids=[self.device.index]) if self.device.type == "cuda" else dist.barrier()
+
+    def _augment(self, x0: torch.Tensor) -> torch.Tensor:
+        """Random horizontal flips (datasets with ``hflip``), drawn for the global batch.
+
+        With N processes each one draws the flips of all N * b images and keeps its positions
+        rank, rank + N, ...: ``repeat_interleave`` puts this process's images at those positions.
+        """
+        if not self.hflip:
+            return x0
+        if self.world == 1:
+            return random_hflip(x0, self.flip_gen)
+        return random_hflip(x0.repeat_interleave(self.world, dim=0), self.flip_gen)[self.rank :: self.world]
+
     def _train_step(self, x0: torch.Tensor, y: torch.Tensor) -> float:
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            loss = self.diffusion(self.model, x0, y, self.tc.cond_drop_prob, self.noise_gen)
-        if not torch.isfinite(loss):
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.autocast):
+            loss = self.diffusion(self.net, x0, y, self.tc.cond_drop_prob, self.noise_gen, shard=(self.rank, self.world))
+        mean = self._mean_over_ranks(loss.detach())  # the global batch's loss; every rank sees it
+        if not torch.isfinite(mean):
             raise TrainingDiverged(
-                f"training loss became {loss.item()} at step {self.step + 1}; the last good checkpoint "
+                f"training loss became {mean.item()} at step {self.step + 1}; the last good checkpoint "
                 f"{self.checkpoint_path} is kept (try a lower train.lr or a train.grad_clip > 0)"
             )
         self.optimizer.zero_grad(set_to_none=True)
@@ -291,36 +469,38 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tc.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
-        self.ema.update_parameters(self.model)
+        self.ema.update_parameters(self.model)  # the same on every rank: gradients were averaged
         self.step += 1
-        return float(loss.detach())
+        return float(mean)
 
     def fit(self, resume: bool = True, stop_after: int | None = None) -> TrainResult:
         """Train to ``train.epochs``; with ``resume`` continue from ``checkpoint.pt`` if present.
 
         ``stop_after`` ends the call after that many optimizer steps in total (tests of resume).
+        In a data-parallel run every rank calls it (and every rank resumes from the checkpoint).
         """
         if resume and self.checkpoint_path.exists():
             self.load_checkpoint(self.checkpoint_path)
-        self.model.train()
+        self.net.train()
         start_epoch, offset = divmod(self.step, self.steps_per_epoch)
-        bar = progress_bar(total=self.total_steps, initial=self.step, desc="train", disable=not self.progress)
+        bar = progress_bar(total=self.total_steps, initial=self.step, desc="train", disable=not (self.progress and self.is_main))
         last_loss = float("nan")
         t_start = time.perf_counter()
         t_prev = t_start
         for epoch in range(start_epoch, self.tc.epochs):
-            perm = epoch_permutation(len(self.y_train), self.cfg.seed, epoch).to(self.device)
+            self.sampler.set_epoch(epoch)
+            mine = self.sampler.indices().to(self.device)  # this rank's share of the epoch permutation
             for i in range(offset, self.steps_per_epoch):
-                idx = perm[i * self.batch_size : (i + 1) * self.batch_size]
-                last_loss = self._train_step(self.x_train[idx], self.y_train[idx])
+                idx = mine[i * self.local_batch : (i + 1) * self.local_batch]
+                last_loss = self._train_step(self._augment(self.x_train[idx]), self.y_train[idx])
                 rec = {"step": self.step, "epoch": epoch + 1, "loss": last_loss, "lr": self.scheduler.get_last_lr()[0]}
                 self.history.train.append(rec)
-                if self.on_step:
+                if self.on_step and self.is_main:
                     self.on_step(self.step, rec)
                 bar.update(1)
                 bar.set_postfix(loss=f"{last_loss:.4f}", epoch=epoch + 1)
                 end_of_epoch = i == self.steps_per_epoch - 1
-                if end_of_epoch:
+                if end_of_epoch and self.is_main:  # the other ranks go on and wait in the next all-reduce
                     self._end_epoch(epoch)
                 if self.step % self.tc.checkpoint_every == 0 or end_of_epoch:
                     now = time.perf_counter()
@@ -333,14 +513,22 @@ class Trainer:
             offset = 0
         bar.close()
         self.train_time_s += time.perf_counter() - t_prev
-        save_model(
-            self.model_path,
-            self.ema.module.state_dict(),
-            self.cfg,
-            self.data_info,
-            {"steps": self.step, "epochs": self.tc.epochs},
-        )
+        if self.is_main:
+            save_model(
+                self.model_path,
+                self.ema.module.state_dict(),
+                self.cfg,
+                self.data_info,
+                {"steps": self.step, "epochs": self.tc.epochs},
+            )
+        self._barrier()  # every rank returns once the model file is there
         return self._result(last_loss)
+
+    def close(self) -> None:
+        """Leave the process group this trainer joined (no-op in a single-process run)."""
+        if self._owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+        self._owns_group = False
 
     def _end_epoch(self, epoch: int) -> None:
         val_loss, by_bin = self.validation_loss(self.ema.module)
