@@ -82,8 +82,11 @@ class TrainConfig:
     grid_steps: int = 10
     grid_per_class: int = 4
     grid_guidance: float = 3.0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: auto/cuda = cuda:LOCAL_RANK)
     num_threads: int = 0  # torch CPU threads; 0 = torch's default
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    tf32: bool = True  # CUDA only: TF32 tensor cores for the float32 matmuls and convolutions
+    compile: bool = False  # torch.compile the network for training
 
 
 @dataclass
@@ -301,6 +304,7 @@ def validate(cfg: Config) -> Config:
         f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}",
     )
     _check(t.num_threads >= 0, f"train.num_threads must be >= 0, got {t.num_threads}")
+    _check(t.precision in ("auto", "fp32", "bf16"), f"train.precision must be auto, fp32 or bf16, got {t.precision!r}")
 
     _check(s.per_class > 0, f"sample.per_class must be > 0, got {s.per_class}")
     _check(s.sampler in SAMPLERS, f"sample.sampler must be one of {sorted(SAMPLERS)}, got {s.sampler!r}")

@@ -129,17 +129,25 @@ class GaussianDiffusion(nn.Module):
         y: torch.Tensor,
         cond_drop_prob: float = 0.0,
         generator: torch.Generator | None = None,
+        shard: tuple[int, int] = (0, 1),
     ) -> torch.Tensor:
         """One training loss: t ~ U{0..T-1}, eps ~ N(0, I), || target - model(x_t, t, y) ||^2.
 
         With probability ``cond_drop_prob`` a label is replaced by the null class, so one network
         learns both eps(x_t, t, y) and eps(x_t, t) for classifier-free guidance.
+
+        ``shard=(rank, world)`` (data-parallel training): ``x0`` is one process's share of a global
+        batch of ``world * len(x0)`` images, namely its positions ``rank, rank + world, ...`` (as
+        ``DistributedSampler`` deals them out). t, eps and the label dropout are drawn for the whole
+        global batch from ``generator`` (seeded alike in every process) and this share is taken, so
+        ``world`` processes use exactly the noise one process would draw for the global batch.
         """
-        b = x0.shape[0]
-        t = torch.randint(0, self.timesteps, (b,), device=x0.device, generator=generator)
-        eps = torch.randn(x0.shape, device=x0.device, generator=generator, dtype=x0.dtype)
+        rank, world = shard
+        b = x0.shape[0] * world
+        t = torch.randint(0, self.timesteps, (b,), device=x0.device, generator=generator)[rank::world]
+        eps = torch.randn((b, *x0.shape[1:]), device=x0.device, generator=generator, dtype=x0.dtype)[rank::world]
         if cond_drop_prob > 0:
-            drop = torch.rand(b, device=x0.device, generator=generator) < cond_drop_prob
+            drop = torch.rand(b, device=x0.device, generator=generator)[rank::world] < cond_drop_prob
             y = torch.where(drop, torch.full_like(y, self.null_class), y)
         losses = self.per_sample_loss(model, x0, y, t, eps)
         return (losses * self.loss_weights(t)).mean()
