@@ -103,7 +103,8 @@ class SampleConfig:
 
 @dataclass
 class ClipConfig:
-    # judges: "digit-clip", "ARCH:PRETRAINED_TAG" (open_clip hub) or "ARCH:/path/to/weights"
+    # judges: "digit-clip" (alias "dataset-clip": the CLIP trained on this dataset), "ARCH:PRETRAINED_TAG"
+    # (open_clip hub) or "ARCH:/path/to/weights"
     models: list[str] = field(default_factory=lambda: ["digit-clip"])
     batch_size: int = 256  # images per CLIP forward pass
     real_per_class: int = 100  # real held-out digits per class judged as the ceiling
@@ -323,8 +324,8 @@ def validate(cfg: Config) -> Config:
     _check(c.real_per_class > 0, f"clip.real_per_class must be > 0, got {c.real_per_class}")
     for i, entry in enumerate(c.models):
         _check(
-            entry == "digit-clip" or (":" in entry and all(entry.split(":", 1))),
-            f"clip.models[{i}] must be 'digit-clip', 'ARCH:PRETRAINED_TAG' or 'ARCH:/path/to/weights', got {entry!r}",
+            entry in ("digit-clip", "dataset-clip") or (":" in entry and all(entry.split(":", 1))),
+            f"clip.models[{i}] must be 'digit-clip' (alias 'dataset-clip'), 'ARCH:PRETRAINED_TAG' or 'ARCH:/path/to/weights', got {entry!r}",
         )
     _check(c.digit_clip_epochs > 0, f"clip.digit_clip_epochs must be > 0, got {c.digit_clip_epochs}")
     _check(c.digit_clip_batch_size > 1, f"clip.digit_clip_batch_size must be > 1, got {c.digit_clip_batch_size}")

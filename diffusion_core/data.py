@@ -185,13 +185,17 @@ def dataset_prompts(stats: dict) -> tuple[list[str], tuple[str, ...]]:
     return list(names), tuple(templates)
 
 
-def random_hflip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def random_hflip(images: torch.Tensor, generator: torch.Generator, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
     """Flip each image of a batch [N, C, H, W] left-right with probability 1/2.
 
     The choices come from ``generator`` alone (one uniform draw per image, on the generator's
     device), so the same generator state gives the same flips: a resumed run replays them.
+    ``shard=(rank, world)``: ``images`` are positions ``rank, rank + world, ...`` of a global batch
+    of ``world * N``; the draws are made for the global batch and this share taken, so ``world``
+    processes flip exactly the images one process would.
     """
-    flip = torch.rand(len(images), generator=generator, device=generator.device) < 0.5
+    rank, world = shard
+    flip = (torch.rand(len(images) * world, generator=generator, device=generator.device) < 0.5)[rank::world]
     return torch.where(flip.to(images.device).view(-1, 1, 1, 1), images.flip(-1), images)
 
 

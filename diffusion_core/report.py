@@ -21,6 +21,17 @@ import torch  # noqa: E402
 sns.set_theme(style="whitegrid", context="notebook")
 
 
+def words(noun: str = "digit") -> dict[str, str]:
+    """How the report names one image and one class of the dataset (``noun`` from its stats).
+
+    Digits are both the images and the classes ("the hardest digit", "real digits"); for other
+    datasets an image is an ``noun`` and a class a "class" ("the hardest class", "real images").
+    """
+    if noun == "digit":
+        return {"item": "digit", "items": "digits", "cls": "digit", "classes": "digits"}
+    return {"item": noun, "items": noun + "s", "cls": "class", "classes": "classes"}
+
+
 def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
@@ -40,7 +51,7 @@ def _show(ax, img: np.ndarray) -> None:
 
 
 def forward_strip(x0: torch.Tensor, diffusion, timesteps: list[int], path: Path, seed: int = 0) -> Path:
-    """One real digit noised to each timestep, with alpha_bar and SNR under each."""
+    """One real image noised to each timestep, with alpha_bar and SNR under each."""
     g = torch.Generator().manual_seed(seed)
     eps = torch.randn(x0.shape, generator=g)
     fig, axes = plt.subplots(1, len(timesteps), figsize=(1.5 * len(timesteps), 2.1))
@@ -57,7 +68,7 @@ def forward_strip(x0: torch.Tensor, diffusion, timesteps: list[int], path: Path,
 
 
 def reverse_strips(traj: dict, class_names: list[str], which: str, path: Path) -> Path:
-    """One row per class (its first recorded digit), one column per recorded point."""
+    """One row per class (its first recorded image), one column per recorded point."""
     fr, labels, imgs = traj["fraction"], traj["labels"], traj[which]
     rows = [int(np.flatnonzero(labels == c)[0]) for c in range(len(class_names)) if (labels == c).any()]
     fig, axes = plt.subplots(len(rows), len(fr), figsize=(1.0 * len(fr), 1.0 * len(rows)), squeeze=False)
@@ -145,30 +156,31 @@ def epoch_grids(grid_paths: list[Path], path: Path, max_panels: int = 5) -> Path
     return _save(fig, path)
 
 
-def clip_bars(table: pd.DataFrame, judge: str, path: Path) -> Path:
+def clip_bars(table: pd.DataFrame, judge: str, path: Path, noun: str = "digit") -> Path:
+    x = words(noun)["cls"]
     long = pd.concat(
         [
-            pd.DataFrame({"digit": table["name"], "set": "generated", "accuracy": table["accuracy_generated"], "clip_score": table["clip_score_generated"]}),
-            pd.DataFrame({"digit": table["name"], "set": "real", "accuracy": table["accuracy_real"], "clip_score": table["clip_score_real"]}),
+            pd.DataFrame({x: table["name"], "set": "generated", "accuracy": table["accuracy_generated"], "clip_score": table["clip_score_generated"]}),
+            pd.DataFrame({x: table["name"], "set": "real", "accuracy": table["accuracy_real"], "clip_score": table["clip_score_real"]}),
         ]
     )
     fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
-    sns.barplot(data=long, x="digit", y="accuracy", hue="set", ax=axes[0], palette=["tab:blue", "tab:gray"])
+    sns.barplot(data=long, x=x, y="accuracy", hue="set", ax=axes[0], palette=["tab:blue", "tab:gray"])
     axes[0].set_ylim(0, 1.05)
     axes[0].set_title(f"Zero-shot accuracy ({judge})")
-    sns.barplot(data=long, x="digit", y="clip_score", hue="set", ax=axes[1], palette=["tab:blue", "tab:gray"])
+    sns.barplot(data=long, x=x, y="clip_score", hue="set", ax=axes[1], palette=["tab:blue", "tab:gray"])
     axes[1].set_title(f"CLIP score ({judge})")
     for ax in axes:
         ax.tick_params(axis="x", labelrotation=30)
     return _save(fig, path)
 
 
-def confusion_heatmap(conf: pd.DataFrame, judge: str, path: Path) -> Path:
+def confusion_heatmap(conf: pd.DataFrame, judge: str, path: Path, noun: str = "digit") -> Path:
     fig, ax = plt.subplots(figsize=(6.5, 5.5))
     sns.heatmap(conf, annot=True, fmt="d", cmap="Blues", cbar=False, ax=ax)
     ax.set_xlabel("judged as")
     ax.set_ylabel("asked for")
-    ax.set_title(f"Confusion of generated digits ({judge})")
+    ax.set_title(f"Confusion of generated {words(noun)['items']} ({judge})")
     return _save(fig, path)
 
 
@@ -220,25 +232,27 @@ def md_table(df: pd.DataFrame, floatfmt: str = ".3f") -> str:
     return "\n".join(lines)
 
 
-def easiest_hardest_paragraph(ranking: pd.DataFrame, judge: str) -> str:
+def easiest_hardest_paragraph(ranking: pd.DataFrame, judge: str, noun: str = "digit") -> str:
     """Plain-language summary of the ranking, every number taken from it."""
+    w = words(noun)
+    cls, classes, items = w["cls"], w["classes"], w["items"]
     best, worst = ranking.iloc[0], ranking.iloc[-1]
     spread = best["accuracy_generated"] - worst["accuracy_generated"]
     top = ", ".join(f"{r['name']} ({r['accuracy_generated']:.0%})" for _, r in ranking.head(3).iterrows())
     bottom = ", ".join(f"{r['name']} ({r['accuracy_generated']:.0%})" for _, r in ranking.tail(3).iloc[::-1].iterrows())
     gap = ranking.sort_values("accuracy_gap", ascending=False).iloc[0]
     text = (
-        f"Judged by {judge}, the easiest digits to draw were {top}; the hardest were {bottom}. "
-        f"The best digit, {best['name']}, was recognised in {best['accuracy_generated']:.0%} of its samples "
-        f"(CLIP score {best['clip_score_generated']:.1f}, real digits {best['accuracy_real']:.0%}); the worst, "
+        f"Judged by {judge}, the easiest {classes} to draw were {top}; the hardest were {bottom}. "
+        f"The best {cls}, {best['name']}, was recognised in {best['accuracy_generated']:.0%} of its samples "
+        f"(CLIP score {best['clip_score_generated']:.1f}, real {items} {best['accuracy_real']:.0%}); the worst, "
         f"{worst['name']}, in {worst['accuracy_generated']:.0%} (CLIP score {worst['clip_score_generated']:.1f}, "
-        f"real digits {worst['accuracy_real']:.0%}), a spread of {spread * 100:.0f} percentage points. "
+        f"real {items} {worst['accuracy_real']:.0%}), a spread of {spread * 100:.0f} percentage points. "
     )
     if gap["accuracy_gap"] > 0:
         text += (
-            f"The largest shortfall against real digits is for {gap['name']}: {gap['accuracy_gap'] * 100:.0f} points "
-            f"below the judge's accuracy on real digits of that class, so that gap is the model's, not the judge's."
+            f"The largest shortfall against real {items} is for {gap['name']}: {gap['accuracy_gap'] * 100:.0f} points "
+            f"below the judge's accuracy on real {items} of that class, so that gap is the model's, not the judge's."
         )
     else:
-        text += "No digit falls below the judge's accuracy on real digits of the same class."
+        text += f"No {cls} falls below the judge's accuracy on real {items} of the same class."
     return text

@@ -2,7 +2,7 @@
 
 For every judge, under ``evaluation/<judge>/``:
 
-* ``per_class.csv``: generated vs real held-out digits, CLIP score and zero-shot accuracy, their
+* ``per_class.csv``: generated vs real held-out images, CLIP score and zero-shot accuracy, their
   gaps, and the Frechet distance in the judge's image-embedding space;
 * ``ranking.csv``: classes from easiest to hardest, with that evidence;
 * ``confusion_generated.csv``, ``confusion_real.csv``: requested (rows) vs judged (columns);
@@ -31,9 +31,9 @@ from diffusion_core.clip_eval import (
     recognizability,
     text_embeddings,
 )
-from diffusion_core.clip_judge import check_entry, load_judge, slug
+from diffusion_core.clip_judge import TRAINED_ENTRIES, check_entry, load_judge, slug
 from diffusion_core.config import load_config
-from diffusion_core.data import DataError, load_split
+from diffusion_core.data import DataError, dataset_prompts, load_split
 from diffusion_core.trainer import resolve_device
 from stages._common import one_line_errors, read_json, write_json
 
@@ -71,7 +71,7 @@ def main(
     params: Path = typer.Option(Path("params.yaml"), help="params file"),
     samples: Path = typer.Option(Path("samples"), help="sample stage folder"),
     data: Path = typer.Option(Path("data/prepared"), help="prepared splits"),
-    digit_clip: Path = typer.Option(Path("models/digit-clip.pt"), help="digit-clip model file"),
+    digit_clip: Path = typer.Option(Path("models/digit-clip.pt"), help="dataset CLIP (digit-clip) model file"),
     out: Path = typer.Option(Path("evaluation"), help="output folder"),
     metrics: Path = typer.Option(Path("reports/metrics/evaluate.json"), help="DVC metrics file"),
 ) -> None:
@@ -79,10 +79,11 @@ def main(
     c = cfg.clip
     for entry in c.models:  # every judge checked before any work
         check_entry(entry)
-    if "digit-clip" in c.models and not digit_clip.is_file():
+    if any(e in TRAINED_ENTRIES for e in c.models) and not digit_clip.is_file():
         raise DataError(f"{digit_clip}: digit-clip model not found (run the train_clip stage)")
     stats = read_json(data / "stats.json")
     names = stats["class_names"]
+    prompt_names, templates = dataset_prompts(stats)  # what the captions call each class
     k = len(names)
     gen_images, gen_labels = load_samples(samples / "samples.npz", k, stats["channels"], stats["size"])
     real_images, real_labels = take_per_class(load_split(data, "test"), c.real_per_class, k)
@@ -98,10 +99,10 @@ def main(
 
         summary = {}
         for entry in c.models:
-            judge = load_judge(entry, device, digit_clip)
+            judge = load_judge(entry, device, digit_clip, expect_classes=prompt_names)
             folder = out / slug(entry)
             folder.mkdir(parents=True, exist_ok=True)
-            text = text_embeddings(judge, names)
+            text = text_embeddings(judge, prompt_names, templates)
             g_emb, g_score, g_pred = judge_images(judge, gen_images, gen_labels, text, c.batch_size)
             r_emb, r_score, r_pred = judge_images(judge, real_images, real_labels, text, c.batch_size)
             ref_emb = judge.encode_images(ref_images, c.batch_size)

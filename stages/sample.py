@@ -1,16 +1,17 @@
-"""Stage 3: draw digits with the trained model; or, with ``--digit``, draw one digit on request.
+"""Stage 3: draw images with the trained model; or, with ``--class``, draw one class on request.
 
-Pipeline mode (no ``--digit``) writes:
+Pipeline mode (no ``--class``/``--digit``) writes:
 
 * ``samples/samples.npz``: ``images`` uint8 [N, H, W] (grey) or [N, C, H, W] (colour), ``labels``
   int64 [N], ``class_names`` str [K]; ``sample.per_class`` images of each class, in class order;
 * ``samples/grid.png``: one row per class;
-* ``samples/trajectory.npz``: the reverse process of ``sample.trajectory_per_class`` digits per
+* ``samples/trajectory.npz``: the reverse process of ``sample.trajectory_per_class`` images per
   class: ``fraction`` [P] (share of the sampler's steps done), ``timestep`` [P] (-1 = clean),
   ``x_t`` and ``x0`` float16 [P, B, C, H, W] (the state and the predicted clean image), ``labels`` [B];
 * ``reports/metrics/sample.json``: sampler settings and time per image.
 
-On request: ``python -m stages.sample --digit 7 --count 16 --guidance 3 --out sevens.png``.
+On request, by class name or index: ``python -m stages.sample --class horse --count 16 --out horses.png``
+(any dataset); ``--digit 7`` is the MNIST spelling of ``--class 7``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from diffusion_core.progress import progress_bar
 from diffusion_core import tracking
 from diffusion_core.checkpoint import load_model
 from diffusion_core.config import ConfigError, load_config
-from diffusion_core.data import to_uint8
+from diffusion_core.data import DATASETS, to_uint8
 from diffusion_core.images import save_grid
 from diffusion_core.samplers import class_labels, make_scheduler, sample
 from diffusion_core.trainer import resolve_device
@@ -48,6 +49,25 @@ def draw(model, diffusion, labels: torch.Tensor, sampler: str, steps: int, eta: 
     return torch.cat(out)
 
 
+def resolve_class(names: list[str], klass: str | None, digit: int | None) -> int | None:
+    """The class index asked for by ``--class`` (a name, any case, or an index) or ``--digit``."""
+    if klass is not None and digit is not None:
+        raise ConfigError("give --class or --digit, not both")
+    if digit is not None:
+        if not 0 <= digit < len(names):
+            raise ConfigError(f"--digit must be in [0, {len(names) - 1}], got {digit}")
+        return digit
+    if klass is None:
+        return None
+    key = klass.strip().lower()
+    for i, name in enumerate(names):
+        if name.lower() == key:
+            return i
+    if key.isdigit() and int(key) < len(names):
+        return int(key)
+    raise ConfigError(f"--class must be a class name ({', '.join(names)}) or an index in [0, {len(names) - 1}], got {klass!r}")
+
+
 def save_samples(path: Path, images: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> None:
     u8 = to_uint8(images).numpy()
     if u8.shape[1] == 1:
@@ -63,13 +83,14 @@ def main(
     model_path: Path = typer.Option(Path("models/model.pt"), "--model", help="trained model file"),
     out_dir: Path = typer.Option(Path("samples"), "--out-dir", help="pipeline output folder"),
     metrics: Path = typer.Option(Path("reports/metrics/sample.json"), help="DVC metrics file"),
-    digit: Optional[int] = typer.Option(None, help="draw only this class (on-request mode)"),
+    klass: Optional[str] = typer.Option(None, "--class", help="draw only this class, by name or index (on-request mode)"),
+    digit: Optional[int] = typer.Option(None, help="draw only this class index (MNIST: the digit); same as --class N"),
     count: int = typer.Option(16, help="on request: how many images"),
     guidance: Optional[float] = typer.Option(None, help="on request: guidance scale w (default: sample.guidance_scale)"),
     sampler: Optional[str] = typer.Option(None, help="on request: ddpm | ddim | dpm++2m (default: sample.sampler)"),
     steps: Optional[int] = typer.Option(None, help="on request: sampler steps (default: sample.steps)"),
     seed: Optional[int] = typer.Option(None, help="on request: random seed (default: from params)"),
-    out: Path = typer.Option(Path("digits.png"), help="on request: PNG to write"),
+    out: Optional[Path] = typer.Option(None, help="on request: PNG to write (default: digits.png for digits, else <class>.png)"),
 ) -> None:
     overrides = {}
     if guidance is not None:
@@ -81,19 +102,21 @@ def main(
     cfg = load_config(params, overrides=overrides)
     s = cfg.sample
     device = resolve_device(cfg.train.device)
-    if digit is not None:
+    if klass is not None or digit is not None:
         if count <= 0:
             raise ConfigError(f"--count must be > 0, got {count}")
         model, diffusion, mcfg, info, _ = load_model(model_path, device)
         names = info["class_names"]
-        if not 0 <= digit < len(names):
-            raise ConfigError(f"--digit must be in [0, {len(names) - 1}], got {digit}")
+        c = resolve_class(names, klass, digit)
+        if out is None:
+            digits = DATASETS.get(mcfg.data.source, DATASETS["mnist"]).noun == "digit"
+            out = Path("digits.png" if digits else "".join(ch if ch.isalnum() else "-" for ch in names[c].lower()) + ".png")
         shape = (info["channels"], info["size"], info["size"])
-        labels = torch.full((count,), digit, dtype=torch.long)
+        labels = torch.full((count,), c, dtype=torch.long)
         images = draw(model, diffusion, labels, s.sampler, s.steps, s.eta, s.guidance_scale,
                       cfg.seed + 10 if seed is None else seed, shape, s.batch_size)
         save_grid(images, out, nrow=min(count, 8), scale=3)
-        typer.echo(f"drew {count} x '{names[digit]}' with {s.sampler} (w={s.guidance_scale}) -> {out}")
+        typer.echo(f"drew {count} x '{names[c]}' with {s.sampler} (w={s.guidance_scale}) -> {out}")
         return
 
     model, diffusion, mcfg, info, meta = load_model(model_path, device, expect=cfg)

@@ -1,9 +1,9 @@
-"""Stage: guidance and sampler sweeps on the trained model, judged by digit-clip.
+"""Stage: guidance and sampler sweeps on the trained model, judged by the dataset CLIP (digit-clip).
 
 For each guidance scale in ``sweep.guidance_scales`` (with the sampler of ``sample``) and each
 ``SAMPLER:STEPS`` in ``sweep.samplers`` (with ``sample.guidance_scale``), draws
-``sweep.per_class`` digits per class and records judged accuracy, the Frechet distance to real
-test digits in digit-clip's embedding space, and wall time per image.
+``sweep.per_class`` images per class and records judged accuracy, the Frechet distance to real
+test images in digit-clip's embedding space, and wall time per image.
 Out: ``sweep/results.csv``.
 """
 
@@ -19,10 +19,10 @@ from diffusion_core.checkpoint import load_model
 from diffusion_core.clip_eval import frechet_distance, judge_images, text_embeddings
 from diffusion_core.clip_judge import load_judge
 from diffusion_core.config import load_config
-from diffusion_core.data import load_split
+from diffusion_core.data import dataset_prompts, load_split
 from diffusion_core.samplers import class_labels
 from diffusion_core.trainer import resolve_device
-from stages._common import one_line_errors
+from stages._common import one_line_errors, read_json
 from stages.evaluate import take_per_class
 from stages.sample import draw
 
@@ -34,7 +34,7 @@ app = typer.Typer(add_completion=False)
 def main(
     params: Path = typer.Option(Path("params.yaml"), help="params file"),
     model_path: Path = typer.Option(Path("models/model.pt"), "--model", help="trained model file"),
-    digit_clip: Path = typer.Option(Path("models/digit-clip.pt"), help="digit-clip model file"),
+    digit_clip: Path = typer.Option(Path("models/digit-clip.pt"), help="dataset CLIP (digit-clip) model file"),
     data: Path = typer.Option(Path("data/prepared"), help="prepared splits"),
     out: Path = typer.Option(Path("sweep/results.csv"), help="CSV to write"),
 ) -> None:
@@ -42,10 +42,11 @@ def main(
     w, s = cfg.sweep, cfg.sample
     device = resolve_device(cfg.train.device)
     model, diffusion, _, info, _ = load_model(model_path, device, expect=cfg)
-    judge = load_judge("digit-clip", device, digit_clip)
     names = info["class_names"]
+    prompt_names, templates = dataset_prompts(read_json(data / "stats.json"))
+    judge = load_judge("digit-clip", device, digit_clip, expect_classes=prompt_names)
     shape = (info["channels"], info["size"], info["size"])
-    text = text_embeddings(judge, names)
+    text = text_embeddings(judge, prompt_names, templates)
     real_images, real_labels = take_per_class(load_split(data, "test"), w.per_class, len(names))
     real_emb, _, _ = judge_images(judge, real_images, real_labels, text, cfg.clip.batch_size)
     labels = class_labels(len(names), w.per_class)

@@ -1,4 +1,5 @@
-"""Stage: train digit-clip, the small CLIP judge, on the training split (once; reused).
+"""Stage: train the dataset CLIP ("digit-clip"), the small CLIP judge, on the training split's
+images and the dataset's captions (once; reused).
 
 Outs: ``models/digit-clip.pt``. Metrics: ``reports/metrics/train_clip.json`` (zero-shot accuracy on
 the real validation and test splits).
@@ -13,7 +14,7 @@ import typer
 
 from diffusion_core.clip_eval import cosines, text_embeddings, zero_shot
 from diffusion_core.config import load_config
-from diffusion_core.data import load_split
+from diffusion_core.data import dataset_prompts, load_split
 from diffusion_core.digit_clip import judge_from_model, save_digit_clip, train_digit_clip
 from stages._common import one_line_errors, read_json, write_json
 
@@ -34,13 +35,15 @@ def main(
         torch.set_num_threads(cfg.train.num_threads)
     stats = read_json(data / "stats.json")
     train, val, test = (load_split(data, s) for s in ("train", "val", "test"))
-    names = stats["class_names"]
+    names, templates = dataset_prompts(stats)  # class names as the captions say them
     model, tok, pre, arch, seconds = train_digit_clip(
         train, names, c.digit_clip_epochs, c.digit_clip_batch_size, c.digit_clip_lr,
         c.digit_clip_width, c.digit_clip_layers, c.digit_clip_embed_dim, cfg.seed,
+        templates=templates, hflip=bool(stats.get("hflip", False)),
+        pad="replicate" if stats["channels"] == 3 else "constant",  # photos have no black background
     )
     judge = judge_from_model(model, tok, pre)
-    text = text_embeddings(judge, names)
+    text = text_embeddings(judge, names, templates)
     acc = {}
     for split, tensors in (("val", val), ("test", test)):
         pred = zero_shot(cosines(judge.encode_images(tensors["images"]), text))
@@ -51,9 +54,9 @@ def main(
         "train_seconds": round(seconds, 1),
         "parameters": sum(p.numel() for p in model.parameters()),
     }
-    save_digit_clip(out, model, arch, pre, names, {"config": cfg.to_dict(), **summary})
+    save_digit_clip(out, model, arch, pre, names, {"config": cfg.to_dict(), **summary}, templates)
     write_json(metrics, summary)
-    typer.echo(f"digit-clip: zero-shot accuracy {acc['val']:.3f} (val), {acc['test']:.3f} (test) after {seconds:.0f}s -> {out}")
+    typer.echo(f"dataset CLIP (digit-clip) on {stats['source']}: zero-shot accuracy {acc['val']:.3f} (val), {acc['test']:.3f} (test) after {seconds:.0f}s -> {out}")
 
 
 if __name__ == "__main__":
