@@ -2,9 +2,13 @@
 
     python bench/scaling.py                 # the table
     python bench/scaling.py --levers        # speed levers at the default model: channels_last, compile, ...
+    python bench/scaling.py --dataset cifar10   # 3x32x32 at the default width, batch 32 (random data)
 
 Each row runs in its own process (so peak memory is that row's): 3 warm-up steps, then the median
 of 5 timings of 10 optimizer steps of the real training step (diffusion loss, AdamW, clipping, EMA).
+With ``--dataset cifar10`` the images are random uint8 arrays of CIFAR-10's shape (3x32x32, the
+speed of a step does not depend on pixel values), with the random horizontal flips training applies;
+the model is the default width with attention at 8x8 (the default's 7x7 does not exist at 32x32).
 """
 
 from __future__ import annotations
@@ -25,15 +29,27 @@ from bench.common import machine, md_table  # noqa: E402
 
 def one(spec: dict) -> dict:
     from diffusion_core.config import config_from_dict
-    from diffusion_core.data import build_splits
+    from diffusion_core.data import DATASETS, build_splits, random_hflip
     from diffusion_core.trainer import Trainer
 
     torch.set_num_threads(spec.get("threads", torch.get_num_threads()))
     model = {"base_channels": spec["width"], "norm_groups": 8 if spec["width"] % 8 == 0 else 4, "num_heads": 4 if spec["width"] >= 16 else 2}
+    source = spec.get("dataset", "mnist-5k")
+    ds = DATASETS[source]
+    if source == "cifar10":
+        model["attention_resolutions"] = [8]
+        g = torch.Generator().manual_seed(0)
+        n = 5000  # as many images as mnist-5k: random pixels of CIFAR-10's shape
+        fake = {"images": torch.randint(0, 256, (n, ds.channels, ds.size, ds.size), dtype=torch.uint8, generator=g),
+                "labels": torch.randint(0, ds.num_classes, (n,), generator=g)}
+        splits = {"train": fake, "val": {k: v[:500] for k, v in fake.items()}}
+    else:
+        splits = build_splits(source, seed=0)
     model.update(spec.get("model", {}))
-    cfg = config_from_dict({"model": model, "train": {"batch_size": spec["batch"], "epochs": 1000}})
-    splits = build_splits("mnist-5k", seed=0)
-    tr = Trainer(cfg, splits["train"], splits["val"], {"channels": 1, "size": 28, "class_names": [str(i) for i in range(10)]}, "/tmp/bench_scaling", progress=False)
+    cfg = config_from_dict({"data": {"source": source}, "model": model, "train": {"batch_size": spec["batch"], "epochs": 1000}})
+    info = {"channels": ds.channels, "size": ds.size, "class_names": list(ds.class_names)}
+    tr = Trainer(cfg, splits["train"], splits["val"], info, "/tmp/bench_scaling", progress=False)
+    flip_gen = torch.Generator().manual_seed(0)
     if spec.get("channels_last"):
         tr.model.to(memory_format=torch.channels_last)
     if spec.get("compile"):
@@ -45,6 +61,8 @@ def one(spec: dict) -> dict:
         for i in range(n):
             idx = torch.randint(0, len(y), (b,))
             xb = x[idx].contiguous(memory_format=torch.channels_last) if spec.get("channels_last") else x[idx]
+            if ds.hflip:  # as the training loop does for this dataset
+                xb = random_hflip(xb, flip_gen)
             tr._train_step(xb, y[idx])
 
     t0 = time.perf_counter()
@@ -78,7 +96,21 @@ def main() -> None:
         print(json.dumps(one(json.loads(sys.argv[sys.argv.index("--one") + 1]))))
         return
     rows = []
-    if "--levers" in sys.argv:
+    if "--dataset" in sys.argv:
+        from diffusion_core.config import ModelConfig
+        from diffusion_core.data import DATASETS
+
+        source = sys.argv[sys.argv.index("--dataset") + 1]
+        if source not in DATASETS:
+            raise SystemExit(f"--dataset must be one of {sorted(DATASETS)}, got {source!r}")
+        ds, width, batch = DATASETS[source], ModelConfig().base_channels, 32
+        r = run({"width": width, "batch": batch, "dataset": source})
+        rows.append({"dataset": source, "image": f"{ds.channels}x{ds.size}x{ds.size}", "width": width, "batch": batch,
+                     **{k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()}})
+        cmd = f"python bench/scaling.py --dataset {source}"
+        if source == "cifar10":
+            cmd += " (random uint8 images of CIFAR-10's shape with random horizontal flips; attention at 8x8)"
+    elif "--levers" in sys.argv:
         base = {"width": 16, "batch": 32}
         variants = [
             ("default (attention in the middle block and at 7x7 in encoder and decoder)", {}),
