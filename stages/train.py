@@ -4,6 +4,10 @@ Outs: ``models/model.pt`` (EMA weights + config), ``models/checkpoint.pt`` (full
 persisted so a killed run resumes), ``models/grids/epoch_NNN.png`` (fixed-noise grids),
 ``models/run.json`` (the MLflow run). Metrics: ``reports/metrics/train.json``. Plots:
 ``reports/plots/train_loss.csv`` (per step) and ``reports/plots/val_loss.csv`` (per epoch).
+
+Runs unchanged under ``torchrun --nproc_per_node=N -m stages.train`` (data parallel, see
+:mod:`diffusion_core.trainer`): every process trains and resumes from the checkpoint; rank 0 alone
+opens the MLflow run and writes the outputs.
 """
 
 from __future__ import annotations
@@ -57,7 +61,13 @@ class MlflowLogger:
         run_id = self.mlflow.active_run().info.run_id
         client = self.mlflow.tracking.MlflowClient()
         for i in range(0, len(metrics), 900):
-            client.log_batch(run_id, metrics=metrics[i : i + 900])
+            if not tracking.safe_call("log_batch", client.log_batch, run_id, metrics=metrics[i : i + 900]):
+                # tracking is down: keep the unsent points, the next flush retries them (the loss
+                # curves are also in reports/plots/*.csv, whatever happens here)
+                self.buffer = {}
+                for m in metrics[i:]:
+                    self.buffer.setdefault(m.key, []).append((m.step, m.value))
+                return
         self.buffer.clear()
 
     def on_step(self, step: int, rec: dict) -> None:
@@ -66,7 +76,7 @@ class MlflowLogger:
     def on_epoch(self, epoch: int, rec: dict, grid: Path) -> None:
         self.add(rec["step"], **{"train/val_loss": rec["val_loss"], "train/epoch": epoch})
         self.flush()
-        self.mlflow.log_artifact(str(grid), "grids")
+        tracking.safe.log_artifact(str(grid), "grids")
 
 
 @app.command()
@@ -84,14 +94,28 @@ def main(
         raise tracking.TrackingError(f"{data}/stats.json holds {stats['source']!r} but data.source is {cfg.data.source!r}: run the prepare stage")
     train, val = load_split(data, "train"), load_split(data, "val")
     info = {"channels": stats["channels"], "size": stats["size"], "class_names": stats["class_names"]}
-    trainer = Trainer(cfg, train, val, info, out)
-    resume = False
-    if trainer.checkpoint_path.exists():
-        why = trainer.resume_mismatch()  # raises on an unreadable checkpoint: never overwrite silently
-        resume = why is None
-        typer.echo(f"resuming from {trainer.checkpoint_path}" if resume else f"starting over: {why}")
-    if not resume:
-        shutil.rmtree(out / "grids", ignore_errors=True)
+    trainer = Trainer(cfg, train, val, info, out)  # under torchrun: joins the process group
+    try:
+        resume = False
+        if trainer.checkpoint_path.exists():  # every rank reads the same file, so all decide alike
+            why = trainer.resume_mismatch()  # raises on an unreadable checkpoint: never overwrite silently
+            resume = why is None
+            if trainer.is_main:
+                typer.echo(f"resuming from {trainer.checkpoint_path}" if resume else f"starting over: {why}")
+        if trainer.is_main:
+            if not resume:
+                shutil.rmtree(out / "grids", ignore_errors=True)
+            train_and_log(cfg, trainer, stats, resume, out, metrics, plots)
+        else:  # other ranks: train alongside rank 0, write nothing, log nothing
+            if resume:
+                trainer.load_checkpoint(trainer.checkpoint_path)
+            trainer.fit(resume=False)
+    finally:
+        trainer.close()
+
+
+def train_and_log(cfg, trainer: Trainer, stats: dict, resume: bool, out: Path, metrics: Path, plots: Path) -> None:
+    """Rank 0 (or the only process): train inside the MLflow run and write every output."""
     flat = cfg.flat()
     params_logged = {**tracking.stage_params(flat, "prepare"), **tracking.stage_params(flat, "train")}
     with tracking.stage_run("train", None, out / "run.json", params_logged) as run_id:
@@ -99,8 +123,8 @@ def main(
 
         logger = MlflowLogger()
         trainer.on_step, trainer.on_epoch = logger.on_step, logger.on_epoch
-        mlflow.set_tag("data.source", cfg.data.source)
-        mlflow.log_dict(stats, "data/stats.json")
+        tracking.safe.set_tag("data.source", cfg.data.source)
+        tracking.safe.log_dict(stats, "data/stats.json")
         if resume:  # the restored history goes into this run too, so its curves are complete
             trainer.load_checkpoint(trainer.checkpoint_path)
             for r in trainer.history.train:
@@ -119,15 +143,18 @@ def main(
             "images_per_s": round(result.images_per_s, 2),
             "parameters": count_parameters(trainer.model),
             "device": str(trainer.device),
+            "processes": trainer.world,
+            "precision": "bf16" if trainer.autocast else "fp32",
         }
         write_json(metrics, summary)
         write_csv(plots / "train_loss.csv", [{"step": r["step"], "epoch": r["epoch"], "loss": r["loss"], "lr": r["lr"]} for r in result.history.train])
         write_csv(plots / "val_loss.csv", result.history.val)
-        mlflow.log_metrics({f"train/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
-        mlflow.log_artifact(str(out / "model.pt"), "model")
-        mlflow.log_artifact(str(metrics), "metrics")
+        tracking.safe.log_metrics({f"train/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
+        tracking.safe.log_artifact(str(out / "model.pt"), "model")
+        tracking.safe.log_artifact(str(metrics), "metrics")
+        where = f" on {trainer.world} processes" if trainer.world > 1 else ""
         typer.echo(
-            f"trained {result.steps} steps in {result.wall_time_s:.0f}s ({result.images_per_s:.0f} img/s); "
+            f"trained {result.steps} steps{where} in {result.wall_time_s:.0f}s ({result.images_per_s:.0f} img/s); "
             f"val loss {result.final_val_loss:.4f}; MLflow run {run_id}"
         )
 
