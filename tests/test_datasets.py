@@ -347,6 +347,20 @@ def test_cifar10_trains_with_flips_resumes_exactly_and_samples_colour(cifar_root
                  shape=(data_info["channels"], data_info["size"], data_info["size"]))
     assert out.images.shape == (20, 3, 32, 32) and torch.isfinite(out.images).all()
 
+    # drawn on request by class name, through the sample stage's CLI
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from stages.sample import app as sample_app
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"data": {"source": "cifar10"}, "model": {"attention_resolutions": [16]}, "diffusion": {"timesteps": 100}}))
+    res = CliRunner().invoke(sample_app, ["--params", str(params), "--model", str(tmp_path / "a" / "model.pt"), "--class", "Horse",
+                                          "--count", "2", "--steps", "3", "--out", str(tmp_path / "horses.png")])
+    assert res.exit_code == 0, res.output
+    assert "2 x 'horse'" in res.output
+    assert Image.open(tmp_path / "horses.png").mode == "RGB"
+
 
 def test_mnist_training_draws_no_flips(tmp_path):
     from diffusion_core.trainer import Trainer
