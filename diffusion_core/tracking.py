@@ -10,6 +10,12 @@
   sampling): then it starts a new run that copies the upstream params, metrics and loss curves,
   so each run in the UI is one complete pipeline execution. The stage writes the id it used to its
   own run file for the next stage.
+* Outages: an HTTP server must answer when a stage starts (it fails within seconds otherwise,
+  before any work). Once a stage is running, tracking is best effort: every logging call goes
+  through :data:`safe` / :func:`safe_call`, and a failure prints one warning and the stage carries
+  on, so a tracking server that dies mid-run never costs the trained model or the DVC outs. While
+  the server is down, calls are skipped after a quick socket probe (no minutes of HTTP retries);
+  when it answers again, logging resumes. The run file records whether tracking was complete.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import time
 import urllib.parse
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 EXPERIMENT = os.environ.get("MLFLOW_EXPERIMENT_NAME", "digit-diffusion")
 
@@ -64,25 +70,117 @@ def check_reachable(uri: str, timeout: float = 3.0) -> None:
         ) from None
 
 
+# HTTP retry policy of the MLflow client, unless the user set it: a hiccup is retried for about
+# 7 s (1 + 2 + 4); a dead server is then detected and skipped (see `safe_call`), instead of the
+# client's default of 7 retries with backoff 2 (about 4 minutes of blocking per call).
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+}
+
+
+class _Health:
+    """Whether tracking calls of this process have been failing (module-wide state)."""
+
+    down: bool = False
+    failures: int = 0  # calls that failed or were skipped since the stage started
+
+
+def _warn(message: str) -> None:
+    import sys
+
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def safe_call(what: str, fn: Callable, *args: Any, **kwargs: Any) -> bool:
+    """Call an MLflow function; True if it worked. Never raises.
+
+    The first failure prints one warning naming the tracking URI; while tracking is down, later
+    calls first probe an HTTP server's port (a refused connection is instant) and are skipped if it
+    does not answer. When a call works again, a second line says logging resumed.
+    """
+    if _Health.down:
+        try:
+            check_reachable(tracking_uri(), timeout=2.0)
+        except TrackingError:
+            _Health.failures += 1
+            return False
+    try:
+        fn(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - MLflow, requests and sqlite errors alike
+        _Health.failures += 1
+        if not _Health.down:
+            first = (str(exc).splitlines() or [""])[0][:200]
+            _warn(
+                f"MLflow tracking at {tracking_uri()} failed during {what} ({type(exc).__name__}: {first}); "
+                "the stage goes on and writes all its outputs; tracking resumes if the server comes back"
+            )
+        _Health.down = True
+        return False
+    if _Health.down:
+        _warn(f"MLflow tracking at {tracking_uri()} answers again; logging resumed with {what}")
+        _Health.down = False
+    return True
+
+
+class _SafeMlflow:
+    """``safe.log_metrics(...)`` is ``mlflow.log_metrics(...)`` through :func:`safe_call`."""
+
+    def __getattr__(self, name: str) -> Callable[..., bool]:
+        import mlflow
+
+        fn = getattr(mlflow, name)
+        return lambda *args, **kwargs: safe_call(name, fn, *args, **kwargs)
+
+
+safe = _SafeMlflow()
+
+
 def setup() -> str:
     """Point MLflow at the tracking URI and experiment; returns the URI."""
-    import mlflow
-
     local_default = "MLFLOW_TRACKING_URI" not in os.environ  # read before mlflow sets it
     uri = tracking_uri()
-    check_reachable(uri)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    check_reachable(uri)  # before importing mlflow (seconds on a busy machine)
+    import mlflow
+
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     mlflow.set_tracking_uri(uri)
-    if mlflow.get_experiment_by_name(EXPERIMENT) is None:
-        # With the local database, artifacts go beside it (not to ./mlruns of whatever folder the
-        # stage runs in: a queued experiment's temporary copy would take them away).
-        location = (repo_root() / "mlartifacts").as_uri() if local_default else None
-        try:
-            mlflow.create_experiment(EXPERIMENT, artifact_location=location)
-        except Exception:  # noqa: BLE001 - created concurrently by another stage or process
-            pass
-    mlflow.set_experiment(EXPERIMENT)
+    with _sqlite_init_lock(uri):  # two processes creating one new database would race on its schema
+        if mlflow.get_experiment_by_name(EXPERIMENT) is None:
+            # With the local database, artifacts go beside it (not to ./mlruns of whatever folder the
+            # stage runs in: a queued experiment's temporary copy would take them away).
+            location = (repo_root() / "mlartifacts").as_uri() if local_default else None
+            try:
+                mlflow.create_experiment(EXPERIMENT, artifact_location=location)
+            except Exception:  # noqa: BLE001 - created concurrently by another stage or process
+                pass
+        mlflow.set_experiment(EXPERIMENT)
     return uri
+
+
+@contextmanager
+def _sqlite_init_lock(uri: str) -> Iterator[None]:
+    """An exclusive file lock beside an SQLite tracking database (no-op for other URIs or without
+    fcntl): MLflow creates the schema on first use, and concurrent creators can fail."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def git_commit(root: Path | None = None) -> str:
@@ -102,10 +200,12 @@ def run_tags() -> dict[str, str]:
     return tags
 
 
-def write_run_file(path: str | Path, run_id: str) -> None:
+def write_run_file(path: str | Path, run_id: str, complete: bool = True) -> None:
+    """``complete`` False: some tracking calls of the stage failed (the outs are still whole)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"run_id": run_id, "tracking_uri": tracking_uri(), "experiment": EXPERIMENT}) + "\n")
+    info = {"run_id": run_id, "tracking_uri": tracking_uri(), "experiment": EXPERIMENT, "tracking_complete": complete}
+    path.write_text(json.dumps(info) + "\n")
 
 
 def read_run_file(path: str | Path) -> str:
@@ -205,11 +305,17 @@ def stage_run(stage: str, upstream_run_file: str | Path | None, own_run_file: st
             raise TrackingError(f"{upstream_run_file}: run {run_id} not found in {tracking_uri()} ({type(exc).__name__})") from None
         if _stage_done_tag(stage) in upstream.data.tags:
             run_id = _copy_run(client, run_id, stage)
-    with mlflow.start_run(run_id=run_id):
+    mlflow.start_run(run_id=run_id)
+    _Health.down, _Health.failures = False, 0
+    try:
         log_params(params)
         start = time.time()
         yield run_id
-        mlflow.log_metric(f"{stage}/stage_seconds", time.time() - start)
-        mlflow.set_tag(_stage_done_tag(stage), "done")
+    except BaseException:
+        safe_call("end_run", mlflow.end_run, status="FAILED")
+        raise
+    safe.log_metric(f"{stage}/stage_seconds", time.time() - start)
+    safe.set_tag(_stage_done_tag(stage), "done")
+    safe_call("end_run", mlflow.end_run)  # pops the local active run first, even if the server is gone
     if own_run_file is not None:
-        write_run_file(own_run_file, run_id)
+        write_run_file(own_run_file, run_id, complete=_Health.failures == 0)

@@ -141,11 +141,11 @@ def main(
                         "recognizable_90_xt": float(overall.loc["x_t", "fraction_90"]),
                     }
                 )
-                mlflow.log_table(curve, f"clip/{slug(entry)}/recognizability_curve.json")
+                tracking.safe.log_table(curve, f"clip/{slug(entry)}/recognizability_curve.json")
             summary[slug(entry)] = result
-            mlflow.log_table(table, f"clip/{slug(entry)}/per_class.json")
-            mlflow.log_table(ranking, f"clip/{slug(entry)}/ranking.json")
-            mlflow.log_metrics({f"evaluate/{slug(entry)}/{key}": v for key, v in result.items() if isinstance(v, float) and np.isfinite(v)})
+            tracking.safe.log_table(table, f"clip/{slug(entry)}/per_class.json")
+            tracking.safe.log_table(ranking, f"clip/{slug(entry)}/ranking.json")
+            tracking.safe.log_metrics({f"evaluate/{slug(entry)}/{key}": v for key, v in result.items() if isinstance(v, float) and np.isfinite(v)})
             typer.echo(
                 f"{entry}: generated accuracy {result['accuracy_generated']:.3f} (real {result['accuracy_real']:.3f}), "
                 f"CLIP score {result['clip_score_generated']:.1f} (real {result['clip_score_real']:.1f}), "
@@ -153,7 +153,7 @@ def main(
                 f"hardest: {result['worst_class']} ({result['worst_class_accuracy']:.2f})"
             )
         write_json(metrics, summary)
-        mlflow.log_artifacts(str(out), "evaluation")
+        tracking.safe.log_artifacts(str(out), "evaluation")
         typer.echo(f"MLflow run {run_id}")
 
 

@@ -284,9 +284,9 @@ def main(
         report_path = out / "report.md"
         report_path.write_text("\n".join(md))
         runs_index(out / "runs.md")
-        mlflow.log_artifact(str(report_path), "report")
-        mlflow.log_artifacts(str(fig_dir), "report/figures")
-        mlflow.log_artifact(str(out / "runs.md"), "report")
+        tracking.safe.log_artifact(str(report_path), "report")
+        tracking.safe.log_artifacts(str(fig_dir), "report/figures")
+        tracking.safe.log_artifact(str(out / "runs.md"), "report")
         typer.echo(f"wrote {report_path} and {out / 'runs.md'}; MLflow run {run_id}")
 
 

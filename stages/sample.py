@@ -163,9 +163,9 @@ def main(
             **traj_info,
         }
         write_json(metrics, summary)
-        mlflow.log_metrics({"sample/seconds_per_image": summary["seconds_per_image"], "sample/images": len(labels)})
-        mlflow.log_artifact(str(out_dir / "grid.png"), "samples")
-        mlflow.log_artifact(str(out_dir / "samples.npz"), "samples")
+        tracking.safe.log_metrics({"sample/seconds_per_image": summary["seconds_per_image"], "sample/images": len(labels)})
+        tracking.safe.log_artifact(str(out_dir / "grid.png"), "samples")
+        tracking.safe.log_artifact(str(out_dir / "samples.npz"), "samples")
         typer.echo(f"sampled {len(labels)} images in {seconds:.1f}s ({1000 * seconds / len(labels):.1f} ms/image); MLflow run {run_id}")
 
 

@@ -12,23 +12,13 @@ import pytest
 import torch
 
 from test_pipeline import REPO, run
-from tiny_params import write_tiny_params
+from tiny_params import copy_project
 
 pytestmark = pytest.mark.slow
 
 
 def project(dst: Path) -> dict:
-    for f in ["params.yaml", *[str(p.relative_to(REPO)) for p in (REPO / "stages").glob("*.py")],
-              *[str(p.relative_to(REPO)) for p in (REPO / "diffusion_core").glob("*.py")]]:
-        (dst / f).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / f, dst / f)
-    write_tiny_params(REPO / "params.yaml", dst / "params.yaml")
-    text = (dst / "params.yaml").read_text()
-    text = text.replace("limit: 320", "limit: 640").replace("epochs: 2", "epochs: 3").replace("checkpoint_every: 4", "checkpoint_every: 5")
-    (dst / "params.yaml").write_text(text)
-    env = {**os.environ, "PYTHONPATH": str(dst)}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return env
+    return copy_project(dst, {"data.limit": 640, "train.epochs": 3, "train.checkpoint_every": 5})
 
 
 def checkpoint_step(path: Path) -> int:

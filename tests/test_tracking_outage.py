@@ -1,0 +1,213 @@
+"""Tracking outages lose nothing: a real MLflow server, a server that dies mid-run, concurrent runs.
+
+The server is the real `mlflow server` on 127.0.0.1 (SQLite backend in a temp dir); the stages run
+as subprocesses in temporary copies of the project with tiny params, exactly as `dvc repro` runs them.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_pipeline import run
+from tiny_params import copy_project
+
+# long enough that the server can be killed while training runs (80 steps of 32)
+OVERRIDES = {"data.limit": 640, "train.epochs": 4, "train.checkpoint_every": 10}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, root: Path) -> None:
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        root.mkdir(parents=True, exist_ok=True)
+        cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
+               "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+               "--artifacts-destination", (root / "artifacts").as_uri()]
+        self.proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "w"),
+                                     start_new_session=True)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if urllib.request.urlopen(f"{self.uri}/health", timeout=2).status == 200:
+                    return
+            except OSError:
+                time.sleep(0.5)
+            if self.proc.poll() is not None:
+                break
+        self.kill()
+        raise AssertionError(f"mlflow server did not start:\n{(root / 'server.log').read_text()[-2000:]}")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the server and its workers, like a crash
+            self.proc.wait()
+
+
+@pytest.fixture
+def server(tmp_path):
+    servers = []
+
+    def start(name: str = "server") -> Server:
+        servers.append(Server(tmp_path / name))
+        return servers[-1]
+
+    yield start
+    for s in servers:
+        s.kill()
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """A project copy with prepared data; tests copy its data/ into their own copies."""
+    dst = tmp_path_factory.mktemp("outage") / "base"
+    env = copy_project(dst, OVERRIDES)
+    run([sys.executable, "-m", "stages.prepare"], dst, env=env)
+    return dst
+
+
+def project(prepared: Path, dst: Path, uri: str) -> dict:
+    import shutil
+
+    env = copy_project(dst, OVERRIDES)
+    shutil.copytree(prepared / "data", dst / "data")
+    env["MLFLOW_TRACKING_URI"] = uri
+    return env
+
+
+def weights(path: Path) -> dict:
+    return torch.load(path, weights_only=True)["model"]
+
+
+def client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def only_run(uri: str):
+    c = client(uri)
+    exp = c.get_experiment_by_name("digit-diffusion")
+    runs = c.search_runs([exp.experiment_id])
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    return c, runs[0]
+
+
+@pytest.mark.slow
+def test_runs_land_on_a_real_server_and_a_server_dying_mid_run_costs_nothing(tmp_path, prepared, server):
+    # 1. a healthy server: train and sample land in one run on it
+    srv = server("healthy")
+    a = tmp_path / "a"
+    env_a = project(prepared, a, srv.uri)
+    run([sys.executable, "-m", "stages.train"], a, env=env_a)
+    run([sys.executable, "-m", "stages.sample"], a, env=env_a)
+    c, r = only_run(srv.uri)
+    assert r.data.params["train.lr"] == "0.002" and r.data.tags["stage.sample"] == "done"
+    steps = json.loads((a / "reports/metrics/train.json").read_text())["steps"]
+    assert steps == 80 and len(c.get_metric_history(r.info.run_id, "train/loss")) == steps
+    assert "sample/seconds_per_image" in r.data.metrics
+    assert "model" in {f.path for f in c.list_artifacts(r.info.run_id)}
+    assert '"tracking_complete": true' in (a / "models" / "run.json").read_text()
+
+    # 2. the same training, its server killed (SIGKILL) after the first checkpoint
+    srv2 = server("dying")
+    b = tmp_path / "b"
+    env_b = project(prepared, b, srv2.uri)
+    proc = subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=b, env=env_b,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (b / "models" / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    srv2.kill()
+    killed_at = time.time()
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert (b / "models" / "model.pt").stat().st_mtime >= killed_at  # training went on after the kill
+    assert "warning: MLflow tracking at" in err and srv2.uri in err
+    assert err.count("warning: MLflow tracking at") == 1  # one warning, not one per call
+    assert time.time() - killed_at < 120  # no minutes of HTTP retries per call
+    # nothing of DVC's is lost: every out and metric is written, and the model is bit-identical to
+    # the one trained while the server was healthy
+    for out_file in ["models/model.pt", "models/checkpoint.pt", "models/run.json", "reports/metrics/train.json",
+                     "reports/plots/train_loss.csv", "reports/plots/val_loss.csv", "models/grids/epoch_004.png"]:
+        assert (b / out_file).is_file(), out_file
+    wa, wb = weights(a / "models" / "model.pt"), weights(b / "models" / "model.pt")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert (a / "reports/plots/train_loss.csv").read_text() == (b / "reports/plots/train_loss.csv").read_text()
+    assert '"tracking_complete": false' in (b / "models" / "run.json").read_text()
+
+    # 3. the next stage with the server still down fails at its start, within seconds, one line
+    t0 = time.time()
+    res = run([sys.executable, "-m", "stages.sample"], b, check=False, env=env_b)
+    assert res.returncode != 0 and time.time() - t0 < 60
+    assert res.stderr.strip().splitlines()[-1].startswith("error: MLFLOW_TRACKING_URI=")
+    assert not (b / "samples").exists()
+
+
+@pytest.mark.slow
+def test_two_concurrent_training_runs_share_one_new_sqlite_database(tmp_path, prepared):
+    db = tmp_path / "shared" / "mlflow.db"
+    db.parent.mkdir()
+    uri = f"sqlite:///{db}"
+    dirs = [tmp_path / "p", tmp_path / "q"]
+    envs = [project(prepared, d, uri) for d in dirs]
+    # both start at once on a database that does not exist yet (schema creation races too)
+    procs = [subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=d, env=e,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for d, e in zip(dirs, envs)]
+    results = [p.communicate(timeout=900) for p in procs]
+    for p, (out, err) in zip(procs, results):
+        assert p.returncode == 0, err[-3000:]
+        assert "warning: MLflow" not in err, err[-3000:]  # nothing was dropped on a lock
+    c = client(uri)
+    runs = c.search_runs([c.get_experiment_by_name("digit-diffusion").experiment_id])
+    assert len(runs) == 2
+    for r in runs:
+        assert len(c.get_metric_history(r.info.run_id, "train/loss")) == 80
+        assert r.data.tags.get("stage.train") == "done"
+
+
+def test_safe_call_warns_once_and_resumes(monkeypatch, tmp_path, capsys):
+    from diffusion_core import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'x.db'}")
+    monkeypatch.setattr(tracking._Health, "down", False)
+    monkeypatch.setattr(tracking._Health, "failures", 0)
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(args)
+        raise ConnectionError("connection refused")
+
+    assert tracking.safe_call("log_metrics", broken, 1) is False
+    assert tracking.safe_call("log_metrics", broken, 2) is False
+    err = capsys.readouterr().err
+    assert err.count("warning: MLflow tracking at") == 1 and "log_metrics" in err and "ConnectionError" in err
+    assert tracking.safe_call("log_artifact", lambda *a: calls.append(a), 3) is True
+    assert "answers again" in capsys.readouterr().err
+    assert calls == [(1,), (2,), (3,)] and tracking._Health.failures == 2 and not tracking._Health.down
+
+
+def test_safe_call_skips_a_dead_http_server_without_calling(monkeypatch, capsys):
+    from diffusion_core import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # nothing listens
+    monkeypatch.setattr(tracking._Health, "down", True)
+    monkeypatch.setattr(tracking._Health, "failures", 0)
+    called = []
+    t0 = time.time()
+    assert tracking.safe_call("log_batch", lambda: called.append(1)) is False
+    assert not called and time.time() - t0 < 5 and tracking._Health.failures == 1
