@@ -83,6 +83,22 @@ def test_sharded_noise_is_the_single_process_noise():
     assert torch.allclose(sum(parts) / 3, full)
 
 
+def test_random_flips_are_drawn_for_the_global_batch():
+    """Datasets with flips (cifar10): rank r flips its images exactly as one process flips the
+    positions r, r + world, ... of the global batch."""
+    x = torch.randn(12, 3, 4, 4)
+
+    def augment(rank, world, images):
+        tr = Trainer.__new__(Trainer)  # only what _augment reads; no process group needed
+        tr.hflip, tr.rank, tr.world, tr.flip_gen = True, rank, world, torch.Generator().manual_seed(5)
+        return tr._augment(images)
+
+    full = augment(0, 1, x)
+    assert not torch.equal(full, x) and not torch.equal(full, x.flip(-1))  # some flipped, some not
+    for r in range(3):
+        assert torch.equal(augment(r, 3, x[r::3]), full[r::3])
+
+
 def test_global_batch_not_divisible_by_the_processes_is_one_line_naming_the_param(mnist5k, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
     monkeypatch.setenv("RANK", "0")
