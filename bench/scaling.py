@@ -95,9 +95,10 @@ def main() -> None:
     if "--one" in sys.argv:
         print(json.dumps(one(json.loads(sys.argv[sys.argv.index("--one") + 1]))))
         return
+    from diffusion_core.config import ModelConfig
+
     rows = []
     if "--dataset" in sys.argv:
-        from diffusion_core.config import ModelConfig
         from diffusion_core.data import DATASETS
 
         source = sys.argv[sys.argv.index("--dataset") + 1]
@@ -111,9 +112,13 @@ def main() -> None:
         if source == "cifar10":
             cmd += " (random uint8 images of CIFAR-10's shape with random horizontal flips; attention at 8x8)"
     elif "--levers" in sys.argv:
-        base = {"width": 16, "batch": 32}
+        base = {"width": ModelConfig().base_channels, "batch": 32}
+        full_res = {"width": 16, "model": {"patch_size": 1, "channel_mult": [1, 2, 2], "attention_resolutions": [7]}}
+        patch2 = {"width": 32, "model": {"patch_size": 2, "channel_mult": [1, 1], "attention_resolutions": [7]}}
         variants = [
-            ("default (attention in the middle block and at 7x7 in encoder and decoder)", {}),
+            ("params.yaml model", {}),
+            ("shape: patch 1, width 16, 28->14->7 (full resolution)", full_res),
+            ("shape: patch 2, width 32, 14->7 (2x2 pixels folded into channels)", patch2),
             ("channels_last", {"channels_last": True}),
             ("attention in the middle block only", {"model": {"attention_resolutions": []}}),
             ("1 thread", {"threads": 1}),

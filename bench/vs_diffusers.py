@@ -8,8 +8,12 @@ gradient clipping, label dropout 0.1 for classifier-free guidance, EMA with warm
 the same wall-clock budget, in the same process, one after the other:
 
 * ours: diffusion_core's U-Net (params.yaml `model` group) with GaussianDiffusion;
-* diffusers: a class-conditional ``UNet2DModel`` of similar parameter count (block widths of ours,
-  attention in its lowest level and middle block), noised with ``DDPMScheduler.add_noise``.
+* diffusers: a class-conditional ``UNet2DModel`` of similar parameter count in diffusers' standard
+  full-resolution layout (28 -> 14 -> 7, attention in its lowest level and middle block; the widths
+  giving the closest parameter count), noised with ``DDPMScheduler.add_noise``.
+
+``--budget-s`` trains each for the same wall-clock time (throughput and quality per CPU-second);
+``--steps`` trains each for the same number of optimizer steps (quality per step).
 
 Each is then sampled with DDIM (20 steps, trailing spacing, guidance w of params.yaml; diffusers'
 ``DDIMScheduler`` for theirs) and judged by the MNIST CNN of bench/mnist_judge.py.
@@ -37,10 +41,9 @@ from diffusion_core.trainer import ema_warmup_multi_avg_fn, lr_lambda  # noqa: E
 from diffusion_core.unet import UNet, count_parameters  # noqa: E402
 
 
-def diffusers_model(cfg):
+def diffusers_unet(widths: tuple[int, ...], cfg):
     from diffusers import UNet2DModel
 
-    widths = tuple(cfg.model.base_channels * m for m in cfg.model.channel_mult)
     n = len(widths)
     return UNet2DModel(
         sample_size=28, in_channels=1, out_channels=1, block_out_channels=widths,
@@ -50,6 +53,21 @@ def diffusers_model(cfg):
         norm_num_groups=cfg.model.norm_groups, num_class_embeds=11,
         attention_head_dim=widths[-1] // cfg.model.num_heads,
     )
+
+
+def diffusers_model(cfg, target_params: int):
+    """diffusers' standard full-resolution layout (28 -> 14 -> 7, widths w, 2w, 2w, attention in the
+    lowest level and the middle block) with w chosen so its size is closest to ``target_params``.
+    With ``model.patch_size: 1`` and our default widths this is exactly our block layout."""
+    best = None
+    for w in range(8, 65, 8):
+        widths = tuple(w * m for m in cfg.model.channel_mult) if cfg.model.patch_size == 1 else (w, 2 * w, 2 * w)
+        if any(c % cfg.model.norm_groups or c % cfg.model.num_heads for c in widths):
+            continue
+        n = count_parameters(diffusers_unet(widths, cfg))
+        if best is None or abs(n - target_params) < abs(best[0] - target_params):
+            best = (n, widths)
+    return diffusers_unet(best[1], cfg)
 
 
 class DiffusersEps(torch.nn.Module):
@@ -63,7 +81,7 @@ class DiffusersEps(torch.nn.Module):
         return self.unet(x_t, t, class_labels=y).sample
 
 
-def train_for(model, add_noise, x, y, cfg, budget_s: float, seed: int) -> tuple[torch.nn.Module, int, float]:
+def train_for(model, add_noise, x, y, cfg, budget_s: float, seed: int, max_steps: int | None = None) -> tuple[torch.nn.Module, int, float]:
     tc = cfg.train
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
@@ -71,7 +89,7 @@ def train_for(model, add_noise, x, y, cfg, budget_s: float, seed: int) -> tuple[
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc.warmup_steps, 10**9, "constant"))
     ema = AveragedModel(model, multi_avg_fn=ema_warmup_multi_avg_fn(tc.ema_decay))
     steps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < budget_s:
+    while (time.perf_counter() - t0 < budget_s) if max_steps is None else steps < max_steps:
         idx = torch.randint(0, len(y), (tc.batch_size,), generator=g)
         x0, yb = x[idx], y[idx].clone()
         yb[torch.rand(len(yb), generator=g) < tc.cond_drop_prob] = 10
@@ -110,6 +128,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget-s", type=float, default=120.0)
     ap.add_argument("--per-class", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=0, help="train each for this many steps instead of --budget-s")
     args = ap.parse_args()
     from diffusers import DDPMScheduler
 
@@ -126,11 +145,12 @@ def main() -> None:
         torch.manual_seed(cfg.seed)
         if name == "diffusion_core":
             model = UNet.from_config(cfg.model, 1, 28, 10)
+            ours_params = count_parameters(model)
             add_noise = lambda x0, eps, t: ours_diff.q_sample(x0, t, eps)  # noqa: E731
         else:
-            model = DiffusersEps(diffusers_model(cfg))
+            model = DiffusersEps(diffusers_model(cfg, ours_params))
             add_noise = ddpm.add_noise
-        ema, steps, seconds = train_for(model, add_noise, x, y, cfg, args.budget_s, cfg.seed)
+        ema, steps, seconds = train_for(model, add_noise, x, y, cfg, args.budget_s, cfg.seed, args.steps or None)
         t0 = time.perf_counter()
         if name == "diffusion_core":
             images = sample(ema, ours_diff, make_scheduler("ddim", ours_diff, 20), labels, w,
@@ -145,7 +165,8 @@ def main() -> None:
                      "sample_ms_per_image": 1000 * sample_s / len(labels)})
         print(rows[-1], file=sys.stderr)
     ratio = rows[0]["train_images_per_s"] / rows[1]["train_images_per_s"]
-    print(f"Machine: {machine()}\nCommand: `python bench/vs_diffusers.py --budget-s {args.budget_s:g} --per-class {args.per_class}` "
+    budget = f"--steps {args.steps}" if args.steps else f"--budget-s {args.budget_s:g}"
+    print(f"Machine: {machine()}\nCommand: `python bench/vs_diffusers.py {budget} --per-class {args.per_class}` "
           f"(mnist-5k, batch {cfg.train.batch_size}, {len(labels)} samples each, DDIM 20 steps, w={w})\n")
     print(md_table(rows))
     print(f"\nTraining throughput ratio (diffusion_core / diffusers): {ratio:.2f}x")

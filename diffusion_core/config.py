@@ -53,6 +53,7 @@ class ModelConfig:
     time_embed_mult: int = 4  # time/class embedding width = base_channels * time_embed_mult
     dropout: float = 0.0
     norm_groups: int = 8
+    patch_size: int = 1  # p > 1: fold p x p pixel patches into channels, U-Net runs at size / p
 
 
 @dataclass
@@ -265,11 +266,17 @@ def validate(cfg: Config) -> Config:
             f"model.norm_groups ({m.norm_groups}) must divide every width, {ch} is not divisible",
         )
         _check(ch % m.num_heads == 0, f"model.num_heads ({m.num_heads}) must divide width {ch}")
-    size = DATASETS[d.source].size
+    image_size = DATASETS[d.source].size
+    _check(m.patch_size > 0, f"model.patch_size must be > 0, got {m.patch_size}")
+    _check(
+        image_size % m.patch_size == 0,
+        f"model.patch_size ({m.patch_size}) must divide the image size {image_size}",
+    )
+    size = image_size // m.patch_size
     resolutions = unet_resolutions(size, len(m.channel_mult))
     _check(
         resolutions is not None,
-        f"model.channel_mult has {len(m.channel_mult)} levels, but {size}x{size} images "
+        f"model.channel_mult has {len(m.channel_mult)} levels, but {size}x{size} feature maps "
         f"cannot be halved {len(m.channel_mult) - 1} times evenly",
     )
     for r in m.attention_resolutions:

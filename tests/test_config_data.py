@@ -21,6 +21,8 @@ from diffusion_core.data import DataError, build_splits, load_split, save_splits
         ({"sample": {"sampler": "euler"}}, "sample.sampler must be one of"),
         ({"model": {"attention_resolutions": [5]}}, "model.attention_resolutions: 5 is not a resolution"),
         ({"model": {"channel_mult": [1, 2, 2, 2]}}, "cannot be halved 3 times"),
+        ({"model": {"patch_size": 3}}, "model.patch_size (3) must divide the image size 28"),
+        ({"model": {"patch_size": 0}}, "model.patch_size must be > 0"),
         ({"model": {"channel_mult": "1,2"}}, "model.channel_mult must be a list"),
         ({"diffusion": {"schedule": "quadratic"}}, "diffusion.schedule must be"),
         ({"diffusion": {"prediction": "x0"}}, "diffusion.prediction must be"),

@@ -4,17 +4,40 @@ import torch
 from diffusion_core.unet import SelfAttention, UNet, count_parameters
 
 
-@pytest.mark.parametrize("channels,size,mult,attn", [(1, 28, (1, 2, 2), (7,)), (3, 32, (1, 2, 2), (16, 8)), (1, 28, (1, 2), (14,))])
-def test_output_shape_equals_input_shape(channels, size, mult, attn):
+@pytest.mark.parametrize("channels,size,mult,attn,patch", [
+    (1, 28, (1, 2, 2), (7,), 1), (3, 32, (1, 2, 2), (16, 8), 1), (1, 28, (1, 2), (14,), 1),
+    (1, 28, (1, 1), (7,), 2), (3, 32, (1, 2, 2), (8,), 2),
+])
+def test_output_shape_equals_input_shape(channels, size, mult, attn, patch):
     model = UNet(in_channels=channels, image_size=size, base_channels=8, channel_mult=mult,
-                 attention_resolutions=attn, num_heads=2, norm_groups=4)
+                 attention_resolutions=attn, num_heads=2, norm_groups=4, patch_size=patch)
     x = torch.randn(2, channels, size, size)
     out = model(x, torch.tensor([0, 999]), torch.tensor([3, 10]))  # 10 = null class
     assert out.shape == x.shape
     assert sum(isinstance(m, SelfAttention) for m in model.modules()) > 0
     rows = model.describe()
     assert sum(r["params"] for r in rows) == count_parameters(model)
-    assert {r["resolution"] for r in rows} - {"-"} == {f"{r}x{r}" for r in model.resolutions}
+    full = {f"{size}x{size}"} if patch > 1 else set()  # the pixel_shuffle row
+    assert {r["resolution"] for r in rows} - {"-"} == {f"{r}x{r}" for r in model.resolutions} | full
+    assert model.resolutions[0] == size // patch
+
+
+def test_patch_2_runs_no_convolution_at_full_resolution():
+    """pixel_unshuffle folds 2x2 pixels into channels: every conv sees 14x14 or less, and the
+    output still depends on every input pixel of its 2x2 patch."""
+    torch.manual_seed(0)
+    model = UNet(base_channels=8, channel_mult=(1, 1), attention_resolutions=(7,), num_heads=2, norm_groups=4, patch_size=2)
+    for p in model.parameters():
+        p.data.normal_(0, 0.05)
+    sizes = []
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_hook(lambda mod, inp, out: sizes.append(inp[0].shape[-1]))
+    x = torch.randn(1, 1, 28, 28, requires_grad=True)
+    out = model(x, torch.tensor([10]), torch.tensor([1]))
+    assert max(sizes) == 14
+    out[0, 0, 0, 0].backward()
+    assert (x.grad[0, 0, :2, :2] != 0).all()
 
 
 def test_time_and_class_condition_the_output():
@@ -33,3 +56,5 @@ def test_bad_geometry_is_refused():
         UNet(base_channels=8, channel_mult=(1, 2), attention_resolutions=(7,), norm_groups=4)
     with pytest.raises(ValueError, match="channel_mult"):
         UNet(base_channels=8, channel_mult=(1, 2, 2, 2), norm_groups=4)  # 28 -> 14 -> 7 -> 3.5
+    with pytest.raises(ValueError, match="patch_size"):
+        UNet(base_channels=8, channel_mult=(1,), attention_resolutions=(), norm_groups=4, patch_size=3)  # 28 / 3
