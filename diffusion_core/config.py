@@ -45,15 +45,15 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    base_channels: int = 16
-    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])
+    base_channels: int = 32
+    channel_mult: list[int] = field(default_factory=lambda: [1, 1])
     num_res_blocks: int = 1
     attention_resolutions: list[int] = field(default_factory=lambda: [7])
     num_heads: int = 4
     time_embed_mult: int = 4  # time/class embedding width = base_channels * time_embed_mult
     dropout: float = 0.0
     norm_groups: int = 8
-    patch_size: int = 1  # p > 1: fold p x p pixel patches into channels, U-Net runs at size / p
+    patch_size: int = 2  # p > 1: fold p x p pixel patches into channels, U-Net runs at size / p
 
 
 @dataclass
@@ -69,7 +69,7 @@ class DiffusionConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 14
+    epochs: int = 16
     batch_size: int = 32
     lr: float = 2e-3
     weight_decay: float = 0.0

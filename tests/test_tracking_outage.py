@@ -38,8 +38,10 @@ class Server:
         cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
                "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
                "--artifacts-destination", (root / "artifacts").as_uri()]
+        # no background job workers (7 extra processes in MLflow 3): the tracking API is what is tested
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         self.proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "w"),
-                                     start_new_session=True)
+                                     start_new_session=True, env=env)
         deadline = time.time() + 120
         while time.time() < deadline:
             try:
@@ -113,7 +115,9 @@ def test_runs_land_on_a_real_server_and_a_server_dying_mid_run_costs_nothing(tmp
     srv = server("healthy")
     a = tmp_path / "a"
     env_a = project(prepared, a, srv.uri)
+    t0 = time.time()
     run([sys.executable, "-m", "stages.train"], a, env=env_a)
+    healthy_s = time.time() - t0
     run([sys.executable, "-m", "stages.sample"], a, env=env_a)
     c, r = only_run(srv.uri)
     assert r.data.params["train.lr"] == "0.002" and r.data.tags["stage.sample"] == "done"
@@ -127,6 +131,7 @@ def test_runs_land_on_a_real_server_and_a_server_dying_mid_run_costs_nothing(tmp
     srv2 = server("dying")
     b = tmp_path / "b"
     env_b = project(prepared, b, srv2.uri)
+    t0 = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=b, env=env_b,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
@@ -139,7 +144,7 @@ def test_runs_land_on_a_real_server_and_a_server_dying_mid_run_costs_nothing(tmp
     assert (b / "models" / "model.pt").stat().st_mtime >= killed_at  # training went on after the kill
     assert "warning: MLflow tracking at" in err and srv2.uri in err
     assert err.count("warning: MLflow tracking at") == 1  # one warning, not one per call
-    assert time.time() - killed_at < 120  # no minutes of HTTP retries per call
+    assert time.time() - t0 < healthy_s + 60  # no minutes of HTTP retries per call
     # nothing of DVC's is lost: every out and metric is written, and the model is bit-identical to
     # the one trained while the server was healthy
     for out_file in ["models/model.pt", "models/checkpoint.pt", "models/run.json", "reports/metrics/train.json",
