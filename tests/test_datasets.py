@@ -248,6 +248,9 @@ def test_config_accepts_the_new_sources_and_checks_resolutions():
     assert cfg.model.attention_resolutions == [16, 8]
     with pytest.raises(ConfigError) as err:  # the default attention at 7x7 does not exist on 32x32 images
         config_from_dict({"data": {"source": "cifar10"}, "model": {"attention_resolutions": [7]}})
+    assert str(err.value) == "model.attention_resolutions: 7 is not a resolution of this network (it has [16, 8])"  # 2x2 patches: 16 -> 8
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"data": {"source": "cifar10"}, "model": {"attention_resolutions": [7], "patch_size": 1, "channel_mult": [1, 2, 2]}})
     assert str(err.value) == "model.attention_resolutions: 7 is not a resolution of this network (it has [32, 16, 8])"
     assert config_from_dict({"clip": {"models": ["dataset-clip"]}}).clip.models == ["dataset-clip"]
 

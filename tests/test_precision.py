@@ -58,7 +58,8 @@ def test_bf16_autocast_training_loss_tracks_fp32(mnist5k, tmp_path):
     assert max(rel) < 0.02
     assert abs(sum(a) - sum(b)) / sum(a) < 5e-3
     assert abs(ref.final_val_loss - bf.final_val_loss) / ref.final_val_loss < 1e-2
-    assert b[-1] < 0.7 * b[0] and all(torch.isfinite(p).all() for p in tr.model.parameters())
+    assert a[-1] < 0.95 * a[0] and (b[0] - b[-1]) > 0.8 * (a[0] - a[-1])  # bf16 learns as fp32 does
+    assert all(torch.isfinite(p).all() for p in tr.model.parameters())
     # the weights stay float32 (autocast casts per op); the checkpoint records bf16 as a training setting
     assert all(p.dtype == torch.float32 for p in tr.model.parameters())
     other = Trainer(tiny_config(train={"precision": "fp32"}), *splits(mnist5k), INFO, tmp_path / "bf16", progress=False)

@@ -53,6 +53,8 @@ def write_bad_samples(path, kind):
         path.write_bytes(b"not an npz")
 
 
+from diffusion_core.config import ModelConfig  # noqa: E402
+
 CASES = [
     # (stage, params change, extra setup, expected words in the error)
     ("prepare", ("data.source", "imagenet"), None, "data.source must be one of"),
@@ -73,7 +75,7 @@ CASES = [
     ("sample", None, "no-model", "models/model.pt: model file not found"),
     ("sample", None, "truncated-model", "model.pt: not a readable model file"),
     ("sample", None, "pickle-model", "model.pt: not a readable model file"),
-    ("sample", None, "other-config-model", "was trained with model.base_channels=8 but params say 16"),
+    ("sample", None, "other-config-model", f"was trained with model.base_channels=8 but params say {ModelConfig().base_channels}"),
     ("evaluate", ("clip.models", ["ViT-Z-99:foo"]), None, "unknown open_clip architecture 'ViT-Z-99'"),
     ("evaluate", ("clip.models", ["clip-vit"]), None, "clip.models[0] must be 'digit-clip'"),
     ("evaluate", ("clip.models", ["ViT-B-32:/no/such/weights.bin"]), None, "weights file /no/such/weights.bin not found"),
