@@ -443,16 +443,9 @@ class Trainer:
             dist.barrier(device_ids=[self.device.index]) if self.device.type == "cuda" else dist.barrier()
 
     def _augment(self, x0: torch.Tensor) -> torch.Tensor:
-        """Random horizontal flips (datasets with ``hflip``), drawn for the global batch.
-
-        With N processes each one draws the flips of all N * b images and keeps its positions
-        rank, rank + N, ...: ``repeat_interleave`` puts this process's images at those positions.
-        """
-        if not self.hflip:
-            return x0
-        if self.world == 1:
-            return random_hflip(x0, self.flip_gen)
-        return random_hflip(x0.repeat_interleave(self.world, dim=0), self.flip_gen)[self.rank :: self.world]
+        """Random horizontal flips (datasets with ``hflip``), drawn for the global batch and sharded
+        like the batch itself (:func:`random_hflip` with this rank's ``shard``)."""
+        return random_hflip(x0, self.flip_gen, (self.rank, self.world)) if self.hflip else x0
 
     def _train_step(self, x0: torch.Tensor, y: torch.Tensor) -> float:
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.autocast):
