@@ -35,6 +35,7 @@ VARIANTS = {
     "p1-w16 (28->14->7)": {"patch_size": 1, "base_channels": 16, "channel_mult": [1, 2, 2], "attention_resolutions": [7]},
     "p2-w32 (14->7)": {"patch_size": 2, "base_channels": 32, "channel_mult": [1, 1], "attention_resolutions": [7]},
     "p2-w24x2 (14->7)": {"patch_size": 2, "base_channels": 24, "channel_mult": [1, 2], "attention_resolutions": [7]},
+    "p2-w32 mid-attn (14->7)": {"patch_size": 2, "base_channels": 32, "channel_mult": [1, 1], "attention_resolutions": []},
 }
 
 

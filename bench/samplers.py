@@ -1,6 +1,7 @@
 """Samplers on one trained checkpoint: judged accuracy, Frechet distance and time per 1,000 digits.
 
     python bench/samplers.py [--model models/model.pt] [--per-class 20] [--ddpm-per-class 10]
+    python bench/samplers.py --guidance 0,1,2,3     # params.yaml's sampler at each guidance scale w
 
 Every sampler draws the same labels with the same seed and guidance (sample.guidance_scale of
 params.yaml); the MNIST CNN of bench/mnist_judge.py judges them. Ancestral DDPM takes all T steps,
@@ -33,27 +34,33 @@ def main() -> None:
     ap.add_argument("--per-class", type=int, default=20)
     ap.add_argument("--ddpm-per-class", type=int, default=10)
     ap.add_argument("--steps", default="10,20,50")
+    ap.add_argument("--guidance", default="", help="comma-separated w: sweep the guidance with params.yaml's sampler instead")
     args = ap.parse_args()
     cfg = load_config(args.params)
     model, diffusion, _, info, meta = load_model(args.model)
     judge = get_judge()
     shape = (info["channels"], info["size"], info["size"])
-    runs = [("ddpm", diffusion.timesteps, args.ddpm_per_class)]
-    for n in map(int, args.steps.split(",")):
-        runs += [("ddim", n, args.per_class), ("dpm++2m", n, args.per_class)]
+    w = cfg.sample.guidance_scale
+    if args.guidance:
+        runs = [(cfg.sample.sampler, cfg.sample.steps, args.per_class, float(g)) for g in args.guidance.split(",")]
+    else:
+        runs = [("ddpm", diffusion.timesteps, args.ddpm_per_class, w)]
+        for n in map(int, args.steps.split(",")):
+            runs += [("ddim", n, args.per_class, w), ("dpm++2m", n, args.per_class, w)]
     rows = []
-    for sampler, steps, per_class in runs:
+    for sampler, steps, per_class, guidance in runs:
         labels = class_labels(10, per_class)
         t0 = time.perf_counter()
-        images = draw(model, diffusion, labels, sampler, steps, 0.0, cfg.sample.guidance_scale, cfg.seed + 10, shape, 250, progress=False)
+        images = draw(model, diffusion, labels, sampler, steps, 0.0, guidance, cfg.seed + 10, shape, 250, progress=False)
         seconds = time.perf_counter() - t0
         q = quality(to_uint8(images), labels, judge)
-        rows.append({"sampler": sampler, "steps": steps, "images": len(labels), "accuracy": q["accuracy"],
+        rows.append({"sampler": sampler, "steps": steps, "guidance": guidance, "images": len(labels), "accuracy": q["accuracy"],
                      "worst_digit_accuracy": q["worst_digit_accuracy"], "fd": q["fd"], "fd_real_vs_real": q["fd_real_vs_real"],
                      "s_per_1000_digits": 1000 * seconds / len(labels)})
         print(rows[-1], file=sys.stderr)
-    print(f"Machine: {machine()}\nCommand: `python bench/samplers.py --per-class {args.per_class} --ddpm-per-class {args.ddpm_per_class}` "
-          f"(checkpoint {args.model}, {meta.get('steps')} training steps, guidance w={cfg.sample.guidance_scale})\n")
+    cmd = f"--guidance {args.guidance} --per-class {args.per_class}" if args.guidance else f"--per-class {args.per_class} --ddpm-per-class {args.ddpm_per_class}"
+    print(f"Machine: {machine()}\nCommand: `python bench/samplers.py {cmd}` "
+          f"(checkpoint {args.model}, {meta.get('steps')} training steps)\n")
     print(md_table(rows))
 
 

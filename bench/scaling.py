@@ -1,7 +1,7 @@
 """Training throughput and peak memory against batch size and model width (CPU, or CUDA if present).
 
     python bench/scaling.py                 # the table
-    python bench/scaling.py --levers        # speed levers at the default model: channels_last, compile, ...
+    python bench/scaling.py --levers [--repeats 3]   # speed levers at the default model: memory format, fused AdamW, bf16, compile, ...
     python bench/scaling.py --dataset cifar10   # 3x32x32 at the default width, batch 32 (random data)
 
 Each row runs in its own process (so peak memory is that row's): 3 warm-up steps, then the median
@@ -46,21 +46,21 @@ def one(spec: dict) -> dict:
     else:
         splits = build_splits(source, seed=0)
     model.update(spec.get("model", {}))
-    cfg = config_from_dict({"data": {"source": source}, "model": model, "train": {"batch_size": spec["batch"], "epochs": 1000}})
+    train = {"batch_size": spec["batch"], "epochs": 1000, **spec.get("train", {})}
+    cfg = config_from_dict({"data": {"source": source}, "model": model, "train": train})
     info = {"channels": ds.channels, "size": ds.size, "class_names": list(ds.class_names)}
     tr = Trainer(cfg, splits["train"], splits["val"], info, "/tmp/bench_scaling", progress=False)
     flip_gen = torch.Generator().manual_seed(0)
-    if spec.get("channels_last"):
-        tr.model.to(memory_format=torch.channels_last)
-    if spec.get("compile"):
-        tr.model.compile()
+    if spec.get("foreach_adamw"):  # torch's default AdamW implementation instead of the fused kernel
+        tr.optimizer = torch.optim.AdamW(tr.model.parameters(), lr=cfg.train.lr, foreach=True)
+        tr.scheduler = torch.optim.lr_scheduler.LambdaLR(tr.optimizer, lambda step: 1.0)
     x, y = tr.x_train, tr.y_train
     b = tr.batch_size
 
     def steps(n):
         for i in range(n):
             idx = torch.randint(0, len(y), (b,))
-            xb = x[idx].contiguous(memory_format=torch.channels_last) if spec.get("channels_last") else x[idx]
+            xb = x[idx]
             if ds.hflip:  # as the training loop does for this dataset
                 xb = random_hflip(xb, flip_gen)
             tr._train_step(xb, y[idx])
@@ -112,23 +112,35 @@ def main() -> None:
         if source == "cifar10":
             cmd += " (random uint8 images of CIFAR-10's shape with random horizontal flips; attention at 8x8)"
     elif "--levers" in sys.argv:
+        repeats = int(sys.argv[sys.argv.index("--repeats") + 1]) if "--repeats" in sys.argv else 3
         base = {"width": ModelConfig().base_channels, "batch": 32}
         full_res = {"width": 16, "model": {"patch_size": 1, "channel_mult": [1, 2, 2], "attention_resolutions": [7]}}
-        patch2 = {"width": 32, "model": {"patch_size": 2, "channel_mult": [1, 1], "attention_resolutions": [7]}}
         variants = [
-            ("params.yaml model", {}),
-            ("shape: patch 1, width 16, 28->14->7 (full resolution)", full_res),
-            ("shape: patch 2, width 32, 14->7 (2x2 pixels folded into channels)", patch2),
-            ("channels_last", {"channels_last": True}),
+            ("params.yaml (patch 2, width 32, 14->7; channels_last, fused AdamW)", {}),
+            ("memory_format contiguous (NCHW)", {"train": {"memory_format": "contiguous"}}),
+            ("foreach AdamW instead of fused", {"foreach_adamw": True}),
+            ("NCHW + foreach AdamW (the previous default)", {"train": {"memory_format": "contiguous"}, "foreach_adamw": True}),
+            ("bf16 autocast (NCHW)", {"train": {"precision": "bf16"}}),
+            ("bf16 autocast + channels_last", {"train": {"precision": "bf16", "memory_format": "channels_last"}}),
             ("attention in the middle block only", {"model": {"attention_resolutions": []}}),
             ("1 thread", {"threads": 1}),
-            ("torch.compile", {"compile": True}),
+            ("torch.compile", {"train": {"compile": True}}),
+            ("shape: patch 1, width 16, 28->14->7 (full resolution, NCHW, foreach)", {**full_res, "train": {"memory_format": "contiguous"}, "foreach_adamw": True}),
         ]
-        for name, extra in variants:
-            r = run({**base, **extra})
-            rows.append({"variant": name, **{k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()}})
-            print(rows[-1], file=sys.stderr)
-        cmd = "python bench/scaling.py --levers"
+        # Rounds over all variants, so the machine's slow spells hit every variant alike; the table
+        # gives each variant's median over the rounds and the range of its images/s.
+        runs: dict[str, list[dict]] = {name: [] for name, _ in variants}
+        for rnd in range(repeats):
+            for name, extra in variants:
+                runs[name].append(run({**base, **extra}))
+                print(rnd, name, round(runs[name][-1]["images_per_s"], 1), file=sys.stderr)
+        ref = statistics.median(r["images_per_s"] for r in runs[variants[0][0]])
+        for name, _ in variants:
+            ips = [r["images_per_s"] for r in runs[name]]
+            med = {k: statistics.median(r[k] for r in runs[name]) for k in ("steps_per_s", "images_per_s", "warmup_s", "peak_rss_mib")}
+            rows.append({"variant": name, "params": runs[name][0]["params"], **{k: round(v, 2) for k, v in med.items()},
+                         "images_per_s_range": f"{min(ips):.0f}-{max(ips):.0f}", "vs_default": round(med["images_per_s"] / ref, 2)})
+        cmd = f"python bench/scaling.py --levers --repeats {repeats}"
     else:
         for width in (8, 16, 32):
             for batch in (16, 32, 64, 128):

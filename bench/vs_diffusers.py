@@ -3,14 +3,15 @@
     pip install -e ".[bench]"          # diffusers is a benchmark-only dependency
     python bench/vs_diffusers.py [--budget-s 120] [--per-class 20]
 
-Both models are trained on the mnist-5k training split with the same loop (AdamW, lr warm-up,
+Both models are trained on the mnist-5k training split with the same loop (fused AdamW, lr warm-up,
 gradient clipping, label dropout 0.1 for classifier-free guidance, EMA with warm-up, batch 32) for
 the same wall-clock budget, in the same process, one after the other:
 
 * ours: diffusion_core's U-Net (params.yaml `model` group) with GaussianDiffusion;
 * diffusers: a class-conditional ``UNet2DModel`` of similar parameter count in diffusers' standard
   full-resolution layout (28 -> 14 -> 7, attention in its lowest level and middle block; the widths
-  giving the closest parameter count), noised with ``DDPMScheduler.add_noise``.
+  giving the closest parameter count), noised with ``DDPMScheduler.add_noise``; once as shipped
+  (NCHW) and once converted to channels-last, the memory layout our Trainer uses on CPU.
 
 ``--budget-s`` trains each for the same wall-clock time (throughput and quality per CPU-second);
 ``--steps`` trains each for the same number of optimizer steps (quality per step).
@@ -37,8 +38,8 @@ from diffusion_core.config import load_config  # noqa: E402
 from diffusion_core.data import build_splits, to_model_range, to_uint8  # noqa: E402
 from diffusion_core.diffusion import GaussianDiffusion  # noqa: E402
 from diffusion_core.samplers import class_labels, make_scheduler, sample  # noqa: E402
-from diffusion_core.trainer import ema_warmup_multi_avg_fn, lr_lambda  # noqa: E402
-from diffusion_core.unet import UNet, count_parameters  # noqa: E402
+from diffusion_core.trainer import adamw, ema_warmup_multi_avg_fn, lr_lambda  # noqa: E402
+from diffusion_core.unet import UNet, count_parameters, use_channels_last  # noqa: E402
 
 
 def diffusers_unet(widths: tuple[int, ...], cfg):
@@ -85,7 +86,7 @@ def train_for(model, add_noise, x, y, cfg, budget_s: float, seed: int, max_steps
     tc = cfg.train
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr)
+    opt = adamw(list(model.parameters()), tc.lr, 0.0)  # the fused AdamW kernel, as our Trainer uses
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc.warmup_steps, 10**9, "constant"))
     ema = AveragedModel(model, multi_avg_fn=ema_warmup_multi_avg_fn(tc.ema_decay))
     steps, t0 = 0, time.perf_counter()
@@ -98,7 +99,7 @@ def train_for(model, add_noise, x, y, cfg, budget_s: float, seed: int, max_steps
         loss = F.mse_loss(model(add_noise(x0, eps, t), t, yb), eps)
         opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip, foreach=True)
         opt.step()
         sched.step()
         ema.update_parameters(model)
@@ -141,14 +142,18 @@ def main() -> None:
     labels = class_labels(10, args.per_class)
     w = cfg.sample.guidance_scale
     rows = []
-    for name in ("diffusion_core", "diffusers"):
+    names = ["diffusion_core", "diffusers"] + ([] if args.steps else ["diffusers + channels_last"])  # layout: speed only
+    for name in names:
         torch.manual_seed(cfg.seed)
-        if name == "diffusion_core":
+        if name == "diffusion_core":  # as the Trainer runs it: params.yaml's train.memory_format
             model = UNet.from_config(cfg.model, 1, 28, 10)
+            model.set_channels_last(use_channels_last(cfg.train.memory_format, torch.device("cpu"), None))
             ours_params = count_parameters(model)
             add_noise = lambda x0, eps, t: ours_diff.q_sample(x0, t, eps)  # noqa: E731
-        else:
+        else:  # as shipped (NCHW), and with the channels-last layout our Trainer uses on CPU
             model = DiffusersEps(diffusers_model(cfg, ours_params))
+            if "channels_last" in name:
+                model.to(memory_format=torch.channels_last)
             add_noise = ddpm.add_noise
         ema, steps, seconds = train_for(model, add_noise, x, y, cfg, args.budget_s, cfg.seed, args.steps or None)
         t0 = time.perf_counter()
@@ -164,12 +169,13 @@ def main() -> None:
                      "accuracy": q["accuracy"], "worst_digit_accuracy": q["worst_digit_accuracy"], "fd": q["fd"],
                      "sample_ms_per_image": 1000 * sample_s / len(labels)})
         print(rows[-1], file=sys.stderr)
-    ratio = rows[0]["train_images_per_s"] / rows[1]["train_images_per_s"]
+    ratios = [rows[0]["train_images_per_s"] / r["train_images_per_s"] for r in rows[1:]]
     budget = f"--steps {args.steps}" if args.steps else f"--budget-s {args.budget_s:g}"
     print(f"Machine: {machine()}\nCommand: `python bench/vs_diffusers.py {budget} --per-class {args.per_class}` "
           f"(mnist-5k, batch {cfg.train.batch_size}, {len(labels)} samples each, DDIM 20 steps, w={w})\n")
     print(md_table(rows))
-    print(f"\nTraining throughput ratio (diffusion_core / diffusers): {ratio:.2f}x")
+    print(f"\nTraining throughput ratio (diffusion_core / diffusers): {ratios[0]:.2f}x"
+          + (f" (against diffusers with channels_last: {ratios[1]:.2f}x)" if len(ratios) > 1 else ""))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import torch
 
 from diffusion_core.config import Config, ConfigError, config_from_dict
 from diffusion_core.diffusion import GaussianDiffusion
-from diffusion_core.unet import UNet
+from diffusion_core.unet import UNet, use_channels_last
 
 FORMAT_VERSION = 1
 
@@ -110,7 +110,7 @@ def build_model(cfg: Config, data_info: dict[str, Any]) -> tuple[UNet, GaussianD
 
 def save_model(path: str | Path, ema_state: dict[str, torch.Tensor], cfg: Config, data_info: dict[str, Any], meta: dict[str, Any]) -> None:
     save_atomic(
-        {"format": FORMAT_VERSION, "model": ema_state, "config": cfg.to_dict(), "data": data_info, "meta": meta},
+        {"format": FORMAT_VERSION, "model": {k: v.contiguous() for k, v in ema_state.items()}, "config": cfg.to_dict(), "data": data_info, "meta": meta},
         path,
     )
 
@@ -126,4 +126,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", expect: Con
         model.load_state_dict(obj["model"])
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not fit the network ({str(exc).splitlines()[0]})") from None
-    return model.to(device).eval(), diffusion.to(device), cfg, obj["data"], obj.get("meta", {})
+    device = torch.device(device)
+    model.to(device).set_channels_last(use_channels_last("auto", device, None))  # sampling runs in float32
+    return model.eval(), diffusion.to(device), cfg, obj["data"], obj.get("meta", {})

@@ -48,7 +48,7 @@ class ModelConfig:
     base_channels: int = 32
     channel_mult: list[int] = field(default_factory=lambda: [1, 1])
     num_res_blocks: int = 1
-    attention_resolutions: list[int] = field(default_factory=lambda: [7])
+    attention_resolutions: list[int] = field(default_factory=list)  # the middle block always has attention
     num_heads: int = 4
     time_embed_mult: int = 4  # time/class embedding width = base_channels * time_embed_mult
     dropout: float = 0.0
@@ -88,6 +88,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     tf32: bool = True  # CUDA only: TF32 tensor cores for the float32 matmuls and convolutions
     compile: bool = False  # torch.compile the network for training
+    memory_format: str = "auto"  # auto (channels_last for float32 on CPU) | channels_last | contiguous
 
 
 @dataclass
@@ -313,6 +314,10 @@ def validate(cfg: Config) -> Config:
     )
     _check(t.num_threads >= 0, f"train.num_threads must be >= 0, got {t.num_threads}")
     _check(t.precision in ("auto", "fp32", "bf16"), f"train.precision must be auto, fp32 or bf16, got {t.precision!r}")
+    _check(
+        t.memory_format in ("auto", "channels_last", "contiguous"),
+        f"train.memory_format must be auto, channels_last or contiguous, got {t.memory_format!r}",
+    )
 
     _check(s.per_class > 0, f"sample.per_class must be > 0, got {s.per_class}")
     _check(s.sampler in SAMPLERS, f"sample.sampler must be one of {sorted(SAMPLERS)}, got {s.sampler!r}")

@@ -23,6 +23,7 @@ from diffusion_core.checkpoint import FORMAT_VERSION, load_file, save_atomic
 from diffusion_core.checkpoint import CheckpointError
 from diffusion_core.clip_judge import DIGIT_TEMPLATES, ClipJudge, class_prompts, to_clip_input
 from diffusion_core.data import random_hflip, to_model_range
+from diffusion_core.trainer import adamw
 
 CONTEXT_LENGTH = 24
 
@@ -97,7 +98,7 @@ def train_digit_clip(
     prompts = class_prompts(class_names, templates)
     n_t = len(prompts[0])
     tokens = tokenizer([p for row in prompts for p in row])  # [K*T, L]
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    opt = adamw(list(model.parameters()), lr, 0.05)  # fused: the 49,408-token embedding is most of the weights
     steps_per_epoch = max(1, len(y_all) // batch_size)
     total = steps_per_epoch * epochs
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.1)

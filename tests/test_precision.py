@@ -1,4 +1,4 @@
-"""Mixed precision and torch.compile: numerical health against float32 on short real runs.
+"""Mixed precision, memory layout and torch.compile: numerical health against float32 NCHW on short real runs.
 
 The bf16 checks run on CPU (``torch.autocast("cpu", dtype=torch.bfloat16)``, the same autocast
 policy family as CUDA); the CUDA variant runs only where a GPU is present.
@@ -64,6 +64,34 @@ def test_bf16_autocast_training_loss_tracks_fp32(mnist5k, tmp_path):
     assert all(p.dtype == torch.float32 for p in tr.model.parameters())
     other = Trainer(tiny_config(train={"precision": "fp32"}), *splits(mnist5k), INFO, tmp_path / "bf16", progress=False)
     assert "train.precision" in other.resume_mismatch()
+
+
+def test_channels_last_training_matches_contiguous_and_resumes_across_layouts(mnist5k, tmp_path):
+    """train.memory_format=auto trains channels-last on CPU in float32 (with the fused AdamW step):
+    the losses match an NCHW run to float rounding, model.pt holds plain NCHW tensors, and a
+    checkpoint resumes in the other layout (Adam's moments take the parameters' layout)."""
+    tr, cl, _ = run(tiny_config(), mnist5k, tmp_path / "cl")
+    assert tr.model.channels_last and tr.ema.module.channels_last
+    assert tr.model.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert tr.optimizer.defaults["fused"]
+    _, nchw, _ = run(tiny_config(train={"memory_format": "contiguous"}), mnist5k, tmp_path / "nchw")
+    a = [r["loss"] for r in cl.history.train]
+    b = [r["loss"] for r in nchw.history.train]
+    print(f"channels_last vs NCHW: max |dloss| {max(abs(x - y) for x, y in zip(a, b)):.2e}")
+    assert len(a) == 20 and max(abs(x - y) for x, y in zip(a, b)) < 1e-4
+    model_file = torch.load(tmp_path / "cl" / "model.pt", weights_only=True)
+    assert all(v.is_contiguous() for v in model_file["model"].values())
+    # 10 steps channels-last, then resumed NCHW: the same run as 20 steps channels-last
+    Trainer(tiny_config(), *splits(mnist5k), INFO, tmp_path / "mixed", progress=False).fit(resume=False, stop_after=10)
+    other = Trainer(tiny_config(train={"memory_format": "contiguous"}), *splits(mnist5k), INFO, tmp_path / "mixed", progress=False)
+    assert other.resume_mismatch() is None
+    mixed = other.fit(resume=True)
+    assert not other.model.channels_last
+    assert all(v.stride() == p.stride() for p, st in other.optimizer.state.items() for k, v in st.items() if k != "step")
+    c = [r["loss"] for r in mixed.history.train]
+    assert c[:10] == a[:10] and max(abs(x - y) for x, y in zip(a, c)) < 1e-4
+    with pytest.raises(ConfigError, match="train.memory_format must be auto, channels_last or contiguous, got 'nhwc'"):
+        tiny_config(train={"memory_format": "nhwc"})
 
 
 @pytest.mark.slow

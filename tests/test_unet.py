@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from diffusion_core.unet import SelfAttention, UNet, count_parameters
+from diffusion_core.unet import SelfAttention, UNet, count_parameters, use_channels_last
 
 
 @pytest.mark.parametrize("channels,size,mult,attn,patch", [
@@ -58,3 +58,38 @@ def test_bad_geometry_is_refused():
         UNet(base_channels=8, channel_mult=(1, 2, 2, 2), norm_groups=4)  # 28 -> 14 -> 7 -> 3.5
     with pytest.raises(ValueError, match="patch_size"):
         UNet(base_channels=8, channel_mult=(1,), attention_resolutions=(), norm_groups=4, patch_size=3)  # 28 / 3
+
+
+def test_channels_last_is_the_same_network():
+    """Channels-last (NHWC) changes the memory layout only: same outputs and gradients to float
+    rounding, weights and activations really NHWC, and back to NCHW on request."""
+    torch.manual_seed(0)
+    model = UNet(base_channels=8, channel_mult=(1, 1), attention_resolutions=(7,), num_heads=2, norm_groups=4, patch_size=2)
+    for p in model.parameters():
+        p.data.normal_(0, 0.05)
+    x, t, y = torch.randn(4, 1, 28, 28), torch.tensor([0, 10, 500, 999]), torch.tensor([0, 3, 9, 10])
+    ref = model(x, t, y)
+    ref.square().sum().backward()
+    ref_grad = model.conv_in.weight.grad.clone()
+    model.zero_grad()
+    layouts = []
+    model.conv_in.register_forward_hook(lambda m, i, o: layouts.append(o.is_contiguous(memory_format=torch.channels_last)))
+    assert model.set_channels_last(True) is model
+    assert model.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not model.conv_in.weight.is_contiguous()
+    out = model(x, t, y)
+    out.square().sum().backward()
+    assert layouts == [True]
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model.conv_in.weight.grad, ref_grad, rtol=1e-3, atol=1e-5)
+    model.set_channels_last(False)
+    assert model.conv_in.weight.is_contiguous() and not model.channels_last
+
+
+def test_memory_format_auto_is_channels_last_for_float32_on_cpu_only():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert use_channels_last("auto", cpu, None)
+    assert not use_channels_last("auto", cpu, torch.bfloat16)  # measured twice as slow with bf16 autocast
+    assert not use_channels_last("auto", cuda, torch.bfloat16)
+    assert use_channels_last("channels_last", cuda, torch.bfloat16)
+    assert not use_channels_last("contiguous", cpu, None)
