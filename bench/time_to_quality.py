@@ -1,7 +1,7 @@
 """Time to quality on CPU: the default `dvc repro`, stage by stage, judged by an independent CNN.
 
     python bench/time_to_quality.py [--runs N] [--set key=value ...]
-    python bench/time_to_quality.py --in-place     # the repository itself (its dvc.lock + reports)
+    python bench/time_to_quality.py --in-place [--force]   # the repository itself (its dvc.lock + reports)
 
 Copies the project into a temporary git + DVC repo, runs `dvc repro --single-item <stage>` for each
 stage in pipeline order (so each stage's wall time includes DVC's own overhead, as in `dvc repro`),
@@ -49,28 +49,31 @@ def copy_project(dst: Path, overrides: dict) -> None:
         subprocess.run(cmd, cwd=dst, check=True, capture_output=True)
 
 
-def run_stages(dst: Path, env: dict) -> dict:
+def run_stages(dst: Path, env: dict, force: bool = False) -> dict:
     times = {}
     for stage in STAGES:
         t0 = time.perf_counter()
-        res = subprocess.run(["dvc", "repro", "--single-item", stage], cwd=dst, env=env, capture_output=True, text=True)
+        cmd = ["dvc", "repro", "--single-item", stage] + (["--force"] if force else [])
+        res = subprocess.run(cmd, cwd=dst, env=env, capture_output=True, text=True)
         times[stage] = time.perf_counter() - t0
         if res.returncode:
             raise SystemExit(f"stage {stage} failed:\n{res.stderr[-3000:]}")
         if "didn't change, skipping" in res.stdout:
-            raise SystemExit(f"stage {stage} was up to date, so its time says nothing: change something first")
+            raise SystemExit(f"stage {stage} was up to date, so its time says nothing: change something first or pass --force")
         print(f"  {stage}: {times[stage]:.1f}s", file=sys.stderr)
     with np.load(dst / "samples" / "samples.npz") as f:
         images, labels = torch.from_numpy(f["images"]), torch.from_numpy(f["labels"])
     return {"times": times, "total": sum(times.values()), **quality(images, labels)}
 
 
-def one_run(overrides: dict, in_place: bool = False) -> dict:
+def one_run(overrides: dict, in_place: bool = False, force: bool = False) -> dict:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     env.pop("MLFLOW_TRACKING_URI", None)
     if in_place:  # the repository itself: its dvc.lock and reports become this run's
         env["PYTHONPATH"] = str(REPO)
-        return run_stages(REPO, env)
+        if force:  # train resumes from its persisted checkpoint: remove it (DVC's cache keeps a copy)
+            (REPO / "models" / "checkpoint.pt").unlink(missing_ok=True)
+        return run_stages(REPO, env, force)
     with tempfile.TemporaryDirectory() as tmp:
         dst = Path(tmp) / "repo"
         copy_project(dst, overrides)
@@ -84,16 +87,20 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="params override key=value")
     ap.add_argument("--in-place", action="store_true",
                     help="run the out-of-date stages in this repository (one run, no --set) instead of a fresh copy")
+    ap.add_argument("--force", action="store_true", help="with --in-place: run every stage even if up to date (dvc repro --force; "
+                    "models/checkpoint.pt is removed first so training starts from scratch)")
     args = ap.parse_args()
     if args.in_place and (args.set or args.runs != 1):
         raise SystemExit("--in-place: runs the repository's own params once; drop --set/--runs")
     overrides = dict(s.split("=", 1) for s in args.set)
     get_judge()  # trained (and cached) before any timing
-    runs = [one_run(overrides, args.in_place) for _ in range(args.runs)]
+    if args.force and not args.in_place:
+        raise SystemExit("--force: only with --in-place (a fresh copy runs every stage anyway)")
+    runs = [one_run(overrides, args.in_place, args.force) for _ in range(args.runs)]
     rows = [{"stage": s, "median_s": statistics.median(r["times"][s] for r in runs)} for s in STAGES]
     rows.append({"stage": "total", "median_s": statistics.median(r["total"] for r in runs)})
     qrows = [{k: r[k] for k in ("n", "accuracy", "worst_digit", "worst_digit_accuracy", "fd", "fd_real_vs_real")} for r in runs]
-    cmd = "python bench/time_to_quality.py" + (" --in-place" if args.in_place else "") + "".join(f" --runs {args.runs}" if args.runs != 1 else "") + "".join(f" --set {s}" for s in args.set)
+    cmd = "python bench/time_to_quality.py" + (" --in-place" if args.in_place else "") + (" --force" if args.force else "") + "".join(f" --runs {args.runs}" if args.runs != 1 else "") + "".join(f" --set {s}" for s in args.set)
     print(f"Machine: {machine()}\nCommand: `{cmd}` ({args.runs} run(s); times are medians)\n")
     print(md_table(rows))
     print()
