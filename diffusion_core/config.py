@@ -69,7 +69,7 @@ class DiffusionConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 16
+    epochs: int = 20
     batch_size: int = 32
     lr: float = 2e-3
     weight_decay: float = 0.0
@@ -82,7 +82,7 @@ class TrainConfig:
     grid_sampler: str = "dpm++2m"  # sampler of the per-epoch fixed-noise grid
     grid_steps: int = 10
     grid_per_class: int = 4
-    grid_guidance: float = 3.0
+    grid_guidance: float = 2.0
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: auto/cuda = cuda:LOCAL_RANK)
     num_threads: int = 0  # torch CPU threads; 0 = torch's default
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
@@ -97,7 +97,7 @@ class SampleConfig:
     sampler: str = "dpm++2m"  # ddpm | ddim | dpm++2m
     steps: int = 10  # ignored by ddpm, which always takes diffusion.timesteps steps
     eta: float = 0.0  # DDIM stochasticity (0 = deterministic DDIM, 1 ~ DDPM)
-    guidance_scale: float = 3.0  # w in eps = eps_c + w (eps_c - eps_u); 0 = purely conditional
+    guidance_scale: float = 2.0  # w in eps = eps_c + w (eps_c - eps_u); 0 = purely conditional
     batch_size: int = 250
     trajectory_per_class: int = 16  # digits per class whose reverse process is recorded
     trajectory_points: int = 11  # recorded points along the reverse process (0%, 10%, ... 100%)
