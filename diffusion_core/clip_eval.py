@@ -132,23 +132,33 @@ def recognizability(
     ``x_t`` and ``x0`` are [P, B, C, H, W] at ``fractions`` [P] of the process. The noisy state x_t
     is clipped to [-1, 1] before judging (what a person would see). Returns the curve (one row per
     point and class, plus class ``all``) and the 50% / 90% crossing points per class.
+
+    A class counts as recognized at a point when both its accuracy (recall: its samples judged as
+    it) and its precision (the samples judged as it that are it) reach the threshold. Accuracy
+    alone is fooled by the judge's default guess: a judge that calls noise "eight" is right about
+    every eight from the first step on. For ``all`` the overall accuracy is used (chance: 1/K).
     """
     curve = []
     for p, f in enumerate(fractions):
         for kind, images in (("x0_pred", x0[p]), ("x_t", x_t[p].clamp(-1, 1))):
             pred = zero_shot(cosines(judge.encode_images(images.float(), batch_size), text_emb))
             correct = (pred == labels).float()
-            curve.append({"fraction": float(f), "image": kind, "class": "all", "accuracy": float(correct.mean())})
+            acc = float(correct.mean())
+            curve.append({"fraction": float(f), "image": kind, "class": "all", "accuracy": acc, "precision": acc, "score": acc})
             for c, name in enumerate(class_names):
                 m = labels == c
                 if m.any():
-                    curve.append({"fraction": float(f), "image": kind, "class": name, "accuracy": float(correct[m].mean())})
+                    recall = float(correct[m].mean())
+                    judged = pred == c
+                    precision = float((labels[judged] == c).float().mean()) if judged.any() else 0.0
+                    curve.append({"fraction": float(f), "image": kind, "class": name, "accuracy": recall,
+                                  "precision": precision, "score": min(recall, precision)})
     curve_df = pd.DataFrame(curve)
     cross = []
     for (kind, cls), grp in curve_df.groupby(["image", "class"], sort=False):
         grp = grp.sort_values("fraction")
-        fr, acc = grp["fraction"].to_numpy(), grp["accuracy"].to_numpy()
-        cross.append({"image": kind, "class": cls, "fraction_50": first_crossing(fr, acc, 0.5), "fraction_90": first_crossing(fr, acc, 0.9)})
+        fr, score = grp["fraction"].to_numpy(), grp["score"].to_numpy()
+        cross.append({"image": kind, "class": cls, "fraction_50": first_crossing(fr, score, 0.5), "fraction_90": first_crossing(fr, score, 0.9)})
     return curve_df, pd.DataFrame(cross)
 
 

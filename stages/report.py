@@ -164,7 +164,8 @@ def main(
             wide.columns = [f"{a} ({b})" for a, b in wide.columns]
             add(
                 f"Share of the reverse process from which each {cls} is judged correctly for at least 50% / 90% of its "
-                "samples until the end (n/a: not within the process):\n"
+                f"samples, with at least that share of the samples judged as it being it (precision, so that the judge's "
+                f"default guess for noise does not count as recognized), until the end (n/a: not within the process):\n"
             )
             add(R.md_table(wide.reset_index(), ".1f") + "\n")
 

@@ -94,6 +94,23 @@ def test_recognizability_from_a_stored_trajectory():
     assert zero["fraction_50"] == 0.5
 
 
+def test_the_judges_default_guess_for_noise_is_not_recognition():
+    """At the first point every image is bright, so the judge says 'one' for all four: the ones are
+    all judged correctly (recall 1) but only half of the 'one' verdicts are right (precision 0.5).
+    'one' becomes recognizable at 90% only where its precision is 90% too."""
+    fractions = np.array([0.0, 0.5, 1.0])
+    target = torch.tensor([-1.0, -1.0, 1.0, 1.0]).view(4, 1, 1, 1).expand(4, 1, 4, 4)
+    x0 = torch.stack([torch.ones_like(target), target, target])
+    labels = torch.tensor([0, 0, 1, 1])
+    curve, cross = recognizability(BrightnessJudge(), fractions, x0.clone(), x0, labels, torch.eye(2)[:, None, :], ["zero", "one"])
+    one = curve[(curve["class"] == "one") & (curve["image"] == "x0_pred")]
+    assert one["accuracy"].tolist() == [1.0, 1.0, 1.0] and one["precision"].tolist() == [0.5, 1.0, 1.0]
+    row = cross[(cross["class"] == "one") & (cross["image"] == "x0_pred")].iloc[0]
+    assert row["fraction_50"] == 0.0 and row["fraction_90"] == 0.5  # accuracy alone would say 0.0
+    zero = cross[(cross["class"] == "zero") & (cross["image"] == "x0_pred")].iloc[0]
+    assert zero["fraction_50"] == 0.5 and zero["fraction_90"] == 0.5
+
+
 def test_to_clip_input_follows_the_models_preprocess_config():
     digits = torch.full((2, 1, 28, 28), -1.0)
     digits[:, :, 10:18, 10:18] = 1.0
