@@ -39,7 +39,8 @@ from diffusion_core.config import load_config  # noqa: E402
 from diffusion_core.data import build_splits, to_model_range, to_uint8  # noqa: E402
 from diffusion_core.diffusion import GaussianDiffusion  # noqa: E402
 from diffusion_core.samplers import class_labels, make_scheduler, sample  # noqa: E402
-from diffusion_core.trainer import adamw, ema_warmup_multi_avg_fn, lr_lambda  # noqa: E402
+from diffusion_core.optim import adamw  # noqa: E402
+from diffusion_core.trainer import ema_warmup_multi_avg_fn, lr_lambda  # noqa: E402
 from diffusion_core.unet import UNet, count_parameters, use_channels_last  # noqa: E402
 
 

@@ -30,7 +30,7 @@ FORMAT_VERSION = 1
 
 # The modules whose code decides what training computes. A checkpoint written by other code is not
 # resumed (the run starts over), even when the config is the same.
-TRAINING_CODE = ("config", "data", "schedule", "diffusion", "unet", "samplers", "trainer", "checkpoint")
+TRAINING_CODE = ("config", "data", "schedule", "diffusion", "unet", "samplers", "trainer", "optim", "checkpoint")
 
 
 def code_fingerprint() -> str:

@@ -23,7 +23,7 @@ from diffusion_core.checkpoint import FORMAT_VERSION, load_file, save_atomic
 from diffusion_core.checkpoint import CheckpointError
 from diffusion_core.clip_judge import DIGIT_TEMPLATES, ClipJudge, class_prompts, to_clip_input
 from diffusion_core.data import random_hflip, to_model_range
-from diffusion_core.trainer import adamw
+from diffusion_core.optim import adamw
 
 CONTEXT_LENGTH = 24
 
