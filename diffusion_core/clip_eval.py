@@ -144,20 +144,19 @@ def recognizability(
             pred = zero_shot(cosines(judge.encode_images(images.float(), batch_size), text_emb))
             correct = (pred == labels).float()
             acc = float(correct.mean())
-            curve.append({"fraction": float(f), "image": kind, "class": "all", "accuracy": acc, "precision": acc, "score": acc})
+            curve.append({"fraction": float(f), "image": kind, "class": "all", "accuracy": acc, "precision": acc})  # micro precision = accuracy
             for c, name in enumerate(class_names):
                 m = labels == c
                 if m.any():
                     recall = float(correct[m].mean())
                     judged = pred == c
                     precision = float((labels[judged] == c).float().mean()) if judged.any() else 0.0
-                    curve.append({"fraction": float(f), "image": kind, "class": name, "accuracy": recall,
-                                  "precision": precision, "score": min(recall, precision)})
+                    curve.append({"fraction": float(f), "image": kind, "class": name, "accuracy": recall, "precision": precision})
     curve_df = pd.DataFrame(curve)
     cross = []
     for (kind, cls), grp in curve_df.groupby(["image", "class"], sort=False):
         grp = grp.sort_values("fraction")
-        fr, score = grp["fraction"].to_numpy(), grp["score"].to_numpy()
+        fr, score = grp["fraction"].to_numpy(), np.minimum(grp["accuracy"].to_numpy(), grp["precision"].to_numpy())
         cross.append({"image": kind, "class": cls, "fraction_50": first_crossing(fr, score, 0.5), "fraction_90": first_crossing(fr, score, 0.9)})
     return curve_df, pd.DataFrame(cross)
 
