@@ -39,8 +39,13 @@ VARIANTS = {
 }
 
 
-def one(name: str, model: dict, epochs: int, per_class: int, judge) -> dict:
-    cfg = load_config("params.yaml", {**{f"model.{k}": v for k, v in model.items()}, "train.epochs": epochs})
+def one(name: str, overrides: dict, epochs: int, per_class: int, judge, guidances: list[float] | None = None) -> list[dict]:
+    """Train one variant (``overrides``: dotted params.yaml keys) and judge its samples.
+
+    One row per guidance scale in ``guidances`` (default: params.yaml's ``sample.guidance_scale``),
+    all drawn from the same trained network with the same seed.
+    """
+    cfg = load_config("params.yaml", {"train.epochs": epochs, **overrides})
     spec = DATASETS[cfg.data.source]
     splits = build_splits(cfg.data.source, cfg.data.root, cfg.seed, cfg.data.val_fraction, cfg.data.test_fraction)
     info = {"channels": spec.channels, "size": spec.size, "class_names": list(spec.class_names)}
@@ -52,17 +57,28 @@ def one(name: str, model: dict, epochs: int, per_class: int, judge) -> dict:
         ema = tr.ema.module.eval()
     labels = class_labels(10, per_class)
     s = cfg.sample
-    t0 = time.perf_counter()
-    images = draw(ema, tr.diffusion, labels, s.sampler, s.steps, s.eta, s.guidance_scale, cfg.seed + 10,
-                  (spec.channels, spec.size, spec.size), s.batch_size, progress=False)
-    sample_s = time.perf_counter() - t0
-    q = quality(to_uint8(images), labels, judge)
-    return {
-        "variant": name, "params": count_parameters(tr.model), "steps": res.steps, "train_s": train_s,
-        "steps_per_s": res.steps / train_s, "val_loss": res.final_val_loss, "accuracy": q["accuracy"],
-        "worst_digit_accuracy": q["worst_digit_accuracy"], "fd": q["fd"], "fd_real_vs_real": q["fd_real_vs_real"],
-        "sample_ms_per_image": 1000 * sample_s / len(labels),
-    }
+    rows = []
+    for w in guidances or [s.guidance_scale]:
+        t0 = time.perf_counter()
+        images = draw(ema, tr.diffusion, labels, s.sampler, s.steps, s.eta, w, cfg.seed + 10,
+                      (spec.channels, spec.size, spec.size), s.batch_size, progress=False)
+        sample_s = time.perf_counter() - t0
+        q = quality(to_uint8(images), labels, judge)
+        rows.append({
+            "variant": name, "params": count_parameters(tr.model), "steps": res.steps, "train_s": train_s,
+            "steps_per_s": res.steps / train_s, "val_loss": res.final_val_loss, "guidance": w, "accuracy": q["accuracy"],
+            "worst_digit_accuracy": q["worst_digit_accuracy"], "fd": q["fd"], "fd_real_vs_real": q["fd_real_vs_real"],
+            "sample_ms_per_image": 1000 * sample_s / len(labels),
+        })
+    return rows
+
+
+def pick_variants(arg: str, known: dict) -> list[str]:
+    names = [n.strip() for n in arg.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SystemExit(f"--variants: unknown {unknown}; known: {list(known)}")
+    return names
 
 
 def main() -> None:
@@ -71,14 +87,12 @@ def main() -> None:
     ap.add_argument("--per-class", type=int, default=20)
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names from VARIANTS")
     args = ap.parse_args()
-    names = [n.strip() for n in args.variants.split(",") if n.strip()]
-    unknown = [n for n in names if n not in VARIANTS]
-    if unknown:
-        raise SystemExit(f"--variants: unknown {unknown}; known: {list(VARIANTS)}")
+    names = pick_variants(args.variants, VARIANTS)
     judge = get_judge()
     rows = []
     for name in names:
-        rows.append(one(name, VARIANTS[name], args.epochs, args.per_class, judge))
+        model = {f"model.{k}": v for k, v in VARIANTS[name].items()}
+        rows += one(name, model, args.epochs, args.per_class, judge)
         print(rows[-1], file=sys.stderr, flush=True)
     cfg = load_config("params.yaml")
     print(f"Machine: {machine()}\nCommand: `python bench/architecture.py --epochs {args.epochs} --per-class {args.per_class}` "

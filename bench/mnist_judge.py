@@ -126,6 +126,7 @@ def quality(images_uint8: torch.Tensor, labels: torch.Tensor, model: CNN | None 
         "fd": frechet_distance(feat, real),
         "fd_real_vs_real": frechet_distance(other, real),
         "n": n,
+        "pred": pred,
     }
 
 

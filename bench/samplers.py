@@ -2,6 +2,7 @@
 
     python bench/samplers.py [--model models/model.pt] [--per-class 20] [--ddpm-per-class 10]
     python bench/samplers.py --guidance 0,1,2,3     # params.yaml's sampler at each guidance scale w
+    python bench/samplers.py --guidance 1,1.5 --per-class 200 --seeds 10,1,2   # several draws, pooled
 
 Every sampler draws the same labels with the same seed and guidance (sample.guidance_scale of
 params.yaml); the MNIST CNN of bench/mnist_judge.py judges them. Ancestral DDPM takes all T steps,
@@ -11,6 +12,7 @@ so it gets fewer images by default (its time per image is measured all the same)
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -35,6 +37,8 @@ def main() -> None:
     ap.add_argument("--ddpm-per-class", type=int, default=10)
     ap.add_argument("--steps", default="10,20,50")
     ap.add_argument("--guidance", default="", help="comma-separated w: sweep the guidance with params.yaml's sampler instead")
+    ap.add_argument("--seeds", default="", help="comma-separated sampling seeds (default: params.yaml's seed + 10, as the sample stage); "
+                    "with several, a pooled table follows")
     args = ap.parse_args()
     cfg = load_config(args.params)
     model, diffusion, _, info, meta = load_model(args.model)
@@ -47,21 +51,35 @@ def main() -> None:
         runs = [("ddpm", diffusion.timesteps, args.ddpm_per_class, w)]
         for n in map(int, args.steps.split(",")):
             runs += [("ddim", n, args.per_class, w), ("dpm++2m", n, args.per_class, w)]
-    rows = []
+    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [cfg.seed + 10]
+    rows, pooled = [], []
     for sampler, steps, per_class, guidance in runs:
         labels = class_labels(10, per_class)
-        t0 = time.perf_counter()
-        images = draw(model, diffusion, labels, sampler, steps, 0.0, guidance, cfg.seed + 10, shape, 250, progress=False)
-        seconds = time.perf_counter() - t0
-        q = quality(to_uint8(images), labels, judge)
-        rows.append({"sampler": sampler, "steps": steps, "guidance": guidance, "images": len(labels), "accuracy": q["accuracy"],
-                     "worst_digit_accuracy": q["worst_digit_accuracy"], "fd": q["fd"], "fd_real_vs_real": q["fd_real_vs_real"],
-                     "s_per_1000_digits": 1000 * seconds / len(labels)})
-        print(rows[-1], file=sys.stderr)
+        preds = []
+        for seed in seeds:
+            t0 = time.perf_counter()
+            images = draw(model, diffusion, labels, sampler, steps, 0.0, guidance, seed, shape, 250, progress=False)
+            seconds = time.perf_counter() - t0
+            q = quality(to_uint8(images), labels, judge)
+            preds.append(q["pred"])
+            rows.append({"sampler": sampler, "steps": steps, "guidance": guidance, "seed": seed, "images": len(labels),
+                         "accuracy": q["accuracy"], "worst_digit_accuracy": q["worst_digit_accuracy"], "fd": q["fd"],
+                         "fd_real_vs_real": q["fd_real_vs_real"], "s_per_1000_digits": 1000 * seconds / len(labels)})
+            print(rows[-1], file=sys.stderr)
+        correct = torch.cat(preds) == labels.repeat(len(seeds))
+        per_digit = correct.view(len(seeds), 10, per_class).float().mean((0, 2))
+        pooled.append({"sampler": sampler, "steps": steps, "guidance": guidance, "images": len(seeds) * len(labels),
+                       "accuracy": float(correct.float().mean()), "worst_digit": int(per_digit.argmin()),
+                       "worst_digit_accuracy": float(per_digit.min()),
+                       "fd_median": statistics.median(r["fd"] for r in rows[-len(seeds):])})
     cmd = f"--guidance {args.guidance} --per-class {args.per_class}" if args.guidance else f"--per-class {args.per_class} --ddpm-per-class {args.ddpm_per_class}"
+    cmd += f" --seeds {args.seeds}" if args.seeds else ""
     print(f"Machine: {machine()}\nCommand: `python bench/samplers.py {cmd}` "
           f"(checkpoint {args.model}, {meta.get('steps')} training steps)\n")
     print(md_table(rows))
+    if len(seeds) > 1:
+        print(f"\nPooled over the {len(seeds)} seeds (FD: median of the per-seed values):\n")
+        print(md_table(pooled))
 
 
 if __name__ == "__main__":
