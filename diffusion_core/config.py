@@ -62,7 +62,7 @@ class DiffusionConfig:
     schedule: str = "linear"  # linear (Ho et al. 2020) | cosine (Nichol & Dhariwal 2021)
     beta_start: float = 1e-4  # linear schedule only
     beta_end: float = 0.02  # linear schedule only
-    prediction: str = "eps"  # eps | v
+    prediction: str = "v"  # v | eps
     loss_weighting: str = "none"  # none | min_snr
     min_snr_gamma: float = 5.0
 
@@ -76,13 +76,13 @@ class TrainConfig:
     warmup_steps: int = 100
     lr_schedule: str = "cosine"  # cosine | constant (after warmup)
     grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
-    ema_decay: float = 0.999
+    ema_decay: float = 0.999  # cap of the warm-up min(decay, (1 + n) / (10 + n)); 0.999 is reached at n ~ 9k steps
     cond_drop_prob: float = 0.1  # probability of replacing the label by the null class
     checkpoint_every: int = 500  # steps between checkpoints (and one at the end of each epoch)
     grid_sampler: str = "dpm++2m"  # sampler of the per-epoch fixed-noise grid
     grid_steps: int = 10
     grid_per_class: int = 4
-    grid_guidance: float = 2.0
+    grid_guidance: float = 1.25
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: auto/cuda = cuda:LOCAL_RANK)
     num_threads: int = 0  # torch CPU threads; 0 = torch's default
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
@@ -97,7 +97,7 @@ class SampleConfig:
     sampler: str = "dpm++2m"  # ddpm | ddim | dpm++2m
     steps: int = 10  # ignored by ddpm, which always takes diffusion.timesteps steps
     eta: float = 0.0  # DDIM stochasticity (0 = deterministic DDIM, 1 ~ DDPM)
-    guidance_scale: float = 2.0  # w in eps = eps_c + w (eps_c - eps_u); 0 = purely conditional
+    guidance_scale: float = 1.25  # w in eps = eps_c + w (eps_c - eps_u); 0 = purely conditional
     batch_size: int = 250
     trajectory_per_class: int = 16  # digits per class whose reverse process is recorded
     trajectory_points: int = 11  # recorded points along the reverse process (0%, 10%, ... 100%)

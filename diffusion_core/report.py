@@ -106,7 +106,7 @@ def recognizability_plot(curve: pd.DataFrame, cross: pd.DataFrame, path: Path) -
     return _save(fig, path)
 
 
-def loss_curves(train: pd.DataFrame, val: pd.DataFrame, path: Path, log_scale: bool) -> Path:
+def loss_curves(train: pd.DataFrame, val: pd.DataFrame, path: Path, log_scale: bool, ylabel: str = "noise-prediction MSE") -> Path:
     fig, ax = plt.subplots(figsize=(8, 4))
     window = max(1, len(train) // 50)
     ax.plot(train["step"], train["loss"], color="tab:blue", alpha=0.25, linewidth=0.8, label="train (per step)")
@@ -116,7 +116,7 @@ def loss_curves(train: pd.DataFrame, val: pd.DataFrame, path: Path, log_scale: b
     if log_scale:
         ax.set_yscale("log")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("noise-prediction MSE")
+    ax.set_ylabel(ylabel)
     ax.set_title("Training and validation loss")
     ax.legend()
     return _save(fig, path)

@@ -409,7 +409,7 @@ class Trainer:
     # -- evaluation -----------------------------------------------------------------------------
     @torch.no_grad()
     def validation_loss(self, model: torch.nn.Module, batch_size: int = 500) -> tuple[float, list[float]]:
-        """Mean noise-prediction MSE on the validation split with fixed t and eps.
+        """Mean unweighted MSE of the prediction target (eps or v) on the validation split, fixed t and eps.
 
         Also returns the mean per timestep bin (10 equal bins of t): which noise levels are hard.
         """

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tiny_params import write_tiny_params
 
@@ -145,6 +146,10 @@ def test_report_has_every_section_and_figure_and_its_numbers_come_from_the_metri
     sample = json.loads((dst / "reports/metrics/sample.json").read_text())
     assert f"validation loss (EMA weights, fixed noise) {train['final_val_loss']:.4f}" in report
     assert f"{train['steps']} steps" in report
+    # the loss is explained for the target the network was trained on (params.yaml: v-prediction)
+    assert yaml.safe_load((dst / "params.yaml").read_text())["diffusion"]["prediction"] == "v"
+    assert "mean squared error between the velocity v" in report and "predicts v" in report
+    assert "The network v_θ(x_t, t, y)" in report
     assert f"accuracy {ev['accuracy_generated']:.1%} on {ev['n_generated']} generated digits" in report
     assert f"{ev['frechet_distance']:.4f}" in report
     assert f"{sample['seconds_per_image'] * 1000:.1f} ms per image" in report
