@@ -74,6 +74,7 @@ def main() -> None:
                        "fd_median": statistics.median(r["fd"] for r in rows[-len(seeds):])})
     cmd = f"--guidance {args.guidance} --per-class {args.per_class}" if args.guidance else f"--per-class {args.per_class} --ddpm-per-class {args.ddpm_per_class}"
     cmd += f" --seeds {args.seeds}" if args.seeds else ""
+    cmd += f" --model {args.model}" if args.model != "models/model.pt" else ""
     print(f"Machine: {machine()}\nCommand: `python bench/samplers.py {cmd}` "
           f"(checkpoint {args.model}, {meta.get('steps')} training steps)\n")
     print(md_table(rows))
