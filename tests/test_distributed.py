@@ -154,7 +154,7 @@ def test_two_processes_match_one_and_only_rank_0_writes(mnist5k, tmp_path):
     losses = [r["loss"] for r in single.fit(resume=False).history.train]
     assert len(losses) == len(ddp["loss"]) == 8
     moved = max_diff(single.model.state_dict(), init)
-    assert moved > 1e-2
+    assert moved > 20 * ATOL, moved  # training moved the weights far beyond the tolerance the two runs must agree to
     assert max_diff(single.model.state_dict(), ddp["model"]) < ATOL
     assert max_diff(single.ema.state_dict(), ddp["ema"]) < ATOL
     assert max(abs(a - b) for a, b in zip(losses, ddp["loss"])) < ATOL
