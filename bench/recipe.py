@@ -38,6 +38,7 @@ VARIANTS = {
     "v + lr 0.003": {**V, "train.lr": 0.003},
     "eps + label dropout 0.2": {**EPS, "train.cond_drop_prob": 0.2},
     "v + 24 epochs": {**V, "train.epochs": 24},
+    "v + width 40": {**V, "model.base_channels": 40},
 }
 
 
