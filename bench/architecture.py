@@ -57,6 +57,8 @@ def one(name: str, overrides: dict, epochs: int, per_class: int, judge, guidance
         ema = tr.ema.module.eval()
     labels = class_labels(10, per_class)
     s = cfg.sample
+    trained = {"variant": name, "params": count_parameters(tr.model), "steps": res.steps, "train_s": train_s,
+               "steps_per_s": res.steps / train_s, "val_loss": res.final_val_loss}
     rows = []
     for w in guidances or [s.guidance_scale]:
         t0 = time.perf_counter()
@@ -64,12 +66,8 @@ def one(name: str, overrides: dict, epochs: int, per_class: int, judge, guidance
                       (spec.channels, spec.size, spec.size), s.batch_size, progress=False)
         sample_s = time.perf_counter() - t0
         q = quality(to_uint8(images), labels, judge)
-        rows.append({
-            "variant": name, "params": count_parameters(tr.model), "steps": res.steps, "train_s": train_s,
-            "steps_per_s": res.steps / train_s, "val_loss": res.final_val_loss, "guidance": w, "accuracy": q["accuracy"],
-            "worst_digit_accuracy": q["worst_digit_accuracy"], "fd": q["fd"], "fd_real_vs_real": q["fd_real_vs_real"],
-            "sample_ms_per_image": 1000 * sample_s / len(labels),
-        })
+        rows.append({**trained, "guidance": w, "accuracy": q["accuracy"], "worst_digit_accuracy": q["worst_digit_accuracy"],
+                     "fd": q["fd"], "fd_real_vs_real": q["fd_real_vs_real"], "sample_ms_per_image": 1000 * sample_s / len(labels)})
     return rows
 
 

@@ -101,6 +101,11 @@ def judge(model: CNN, images_uint8: torch.Tensor, batch: int = 1000) -> tuple[to
     return torch.cat(preds), torch.cat(feats)
 
 
+def digit_accuracies(pred: torch.Tensor, labels: torch.Tensor) -> list[float]:
+    """Judged accuracy of each digit present in ``labels``, in digit order."""
+    return [float((pred[labels == c] == c).float().mean()) for c in range(10) if (labels == c).any()]
+
+
 _REAL_CACHE: dict = {}
 
 
@@ -109,7 +114,7 @@ def quality(images_uint8: torch.Tensor, labels: torch.Tensor, model: CNN | None 
     model = model or get_judge()
     pred, feat = judge(model, images_uint8)
     labels = labels.long()
-    per = [float((pred[labels == c] == c).float().mean()) for c in range(10) if (labels == c).any()]
+    per = digit_accuracies(pred, labels)
     n = len(labels)
     if "test" not in _REAL_CACHE:
         xt, yt = load_mnist(False)

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import machine, md_table  # noqa: E402
-from bench.mnist_judge import get_judge, quality  # noqa: E402
+from bench.mnist_judge import digit_accuracies, get_judge, quality  # noqa: E402
 from diffusion_core.checkpoint import load_model  # noqa: E402
 from diffusion_core.config import load_config  # noqa: E402
 from diffusion_core.data import to_uint8  # noqa: E402
@@ -66,11 +66,11 @@ def main() -> None:
                          "accuracy": q["accuracy"], "worst_digit_accuracy": q["worst_digit_accuracy"], "fd": q["fd"],
                          "fd_real_vs_real": q["fd_real_vs_real"], "s_per_1000_digits": 1000 * seconds / len(labels)})
             print(rows[-1], file=sys.stderr)
-        correct = torch.cat(preds) == labels.repeat(len(seeds))
-        per_digit = correct.view(len(seeds), 10, per_class).float().mean((0, 2))
-        pooled.append({"sampler": sampler, "steps": steps, "guidance": guidance, "images": len(seeds) * len(labels),
-                       "accuracy": float(correct.float().mean()), "worst_digit": int(per_digit.argmin()),
-                       "worst_digit_accuracy": float(per_digit.min()),
+        pred, truth = torch.cat(preds), labels.repeat(len(seeds))
+        per_digit = digit_accuracies(pred, truth)
+        pooled.append({"sampler": sampler, "steps": steps, "guidance": guidance, "images": len(truth),
+                       "accuracy": float((pred == truth).float().mean()), "worst_digit": per_digit.index(min(per_digit)),
+                       "worst_digit_accuracy": min(per_digit),
                        "fd_median": statistics.median(r["fd"] for r in rows[-len(seeds):])})
     cmd = f"--guidance {args.guidance} --per-class {args.per_class}" if args.guidance else f"--per-class {args.per_class} --ddpm-per-class {args.ddpm_per_class}"
     cmd += f" --seeds {args.seeds}" if args.seeds else ""

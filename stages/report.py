@@ -86,6 +86,7 @@ def main(
     train_df = pd.read_csv(out / "plots" / "train_loss.csv")
     val_df = pd.read_csv(out / "plots" / "val_loss.csv")
     model, diffusion, mcfg, info, meta = load_model("models/model.pt")
+    v_pred = mcfg.diffusion.prediction == "v"  # the network's target: v, or the noise eps
     sweep_path = Path("sweep/results.csv")
     sweep = pd.read_csv(sweep_path) if sweep_path.is_file() else None
 
@@ -160,7 +161,7 @@ def main(
                 + (f"With v-prediction the network's x̂_0 at pure noise is its estimate of the average {item} of the requested "
                    f"class (there v = −x_0), so x̂_0 can name the class from the first step; x_t shows when the individual "
                    f"{item} takes shape.\n"
-                   if mcfg.diffusion.prediction == "v" else
+                   if v_pred else
                    f"With ε-prediction x̂_0 = (x_t − √(1−ᾱ_t) ε̂) / √ᾱ_t divides by √ᾱ_t ≈ {float(diffusion.sqrt_alpha_bar[-1]):.3f} "
                    f"at pure noise, so the early x̂_0 are dominated by amplified noise.\n")
             )
@@ -179,7 +180,7 @@ def main(
         add("## 4. Model\n")
         arch = pd.DataFrame(model.describe())
         add(
-            f"The network {'v_θ' if mcfg.diffusion.prediction == 'v' else 'ε_θ'}(x_t, t, y) built from `params.yaml` (`model` group): {count_parameters(model):,} parameters. "
+            f"The network {'v_θ' if v_pred else 'ε_θ'}(x_t, t, y) built from `params.yaml` (`model` group): {count_parameters(model):,} parameters. "
             f"Sinusoidal time embeddings and a learned class embedding ({len(names)} classes + 1 null class for guidance) "
             f"are summed and added to the feature maps of every residual block; decoder blocks concatenate the encoder's "
             f"feature maps (skip connections); self-attention sits in the middle block ({model.resolutions[-1]}x{model.resolutions[-1]})"
@@ -190,42 +191,39 @@ def main(
 
         # 5. Training ---------------------------------------------------------------------------
         add("## 5. Training\n")
-        v_pred = mcfg.diffusion.prediction == "v"
         R.loss_curves(train_df, val_df, fig_dir / "loss.png", cfg.report.log_scale_loss,
                       "velocity-prediction MSE" if v_pred else "noise-prediction MSE")
         _, by_t = R.val_by_timestep(val_df, T, fig_dir / "val_by_timestep.png")
         hardest_bin = by_t.iloc[int(by_t["val_loss"].idxmax())]
         weighting = (f" Each sample's loss is weighted by min-SNR-γ (γ = {mcfg.diffusion.min_snr_gamma:g}) in training; "
                      "the validation loss is the unweighted error." if mcfg.diffusion.loss_weighting == "min_snr" else "")
-        if v_pred:
-            add(
-                f"The loss is the mean squared error between the velocity v = √ᾱ_t ε − √(1−ᾱ_t) x_0 of a training {item} "
-                "(ε the noise that was added to it) and the network's prediction of v from x_t, at a random timestep. "
-                "v is the noise at low t and minus the clean image at high t, so one target of unit scale covers both ends "
-                f"and the network's clean-image estimate stays accurate where little of the {item} is left. Lower means the "
-                f"network recovers the noise, and hence the {item}, better.{weighting} "
-                f"Final training loss (mean of the last epoch) {m_train['final_train_loss']:.4f}, "
-                f"validation loss (EMA weights, fixed noise) {m_train['final_val_loss']:.4f}.\n"
-            )
-        else:
-            add(
-                f"The loss is the mean squared error between the noise ε that was added to a training {item} and the "
-                "network's prediction of it from x_t, at a random timestep: lower means the network recovers the noise, and "
-                f"hence the {item}, better.{weighting} Final training loss (mean of the last epoch) {m_train['final_train_loss']:.4f}, "
-                f"validation loss (EMA weights, fixed noise) {m_train['final_val_loss']:.4f}.\n"
-            )
+        what = (
+            f"The loss is the mean squared error between the velocity v = √ᾱ_t ε − √(1−ᾱ_t) x_0 of a training {item} "
+            "(ε the noise that was added to it) and the network's prediction of v from x_t, at a random timestep. "
+            "v is the noise at low t and minus the clean image at high t, so one target of unit scale covers both ends "
+            f"and the network's clean-image estimate stays accurate where little of the {item} is left. Lower means the "
+            f"network recovers the noise, and hence the {item}, better."
+            if v_pred else
+            f"The loss is the mean squared error between the noise ε that was added to a training {item} and the "
+            "network's prediction of it from x_t, at a random timestep: lower means the network recovers the noise, and "
+            f"hence the {item}, better."
+        )
+        add(
+            f"{what}{weighting} Final training loss (mean of the last epoch) {m_train['final_train_loss']:.4f}, "
+            f"validation loss (EMA weights, fixed noise) {m_train['final_val_loss']:.4f}.\n"
+        )
         add("![loss curves](figures/loss.png)\n")
         low_t = int(by_t["val_loss"].idxmax()) < len(by_t) / 2
-        why = (
-            "there the noise is small and predicting it exactly from a nearly clean image is hardest, while at "
-            "high t the input is almost all noise and ε is easy to read off"
-            if low_t and not v_pred
-            else "there the noise is small and the target v is mostly that noise, hardest to predict exactly from a nearly clean image"
-            if low_t
-            else f"there little of the {item} is left and v is mostly the clean {item}, which the network has to infer from its class and the faint trace in x_t"
-            if v_pred
-            else f"there little of the {item} is left, so telling the noise from the {item} is hardest"
-        )
+        if low_t and v_pred:
+            why = "there the noise is small and the target v is mostly that noise, hardest to predict exactly from a nearly clean image"
+        elif low_t:
+            why = ("there the noise is small and predicting it exactly from a nearly clean image is hardest, while at "
+                   "high t the input is almost all noise and ε is easy to read off")
+        elif v_pred:
+            why = (f"there little of the {item} is left and v is mostly the clean {item}, which the network has to infer "
+                   "from its class and the faint trace in x_t")
+        else:
+            why = f"there little of the {item} is left, so telling the noise from the {item} is hardest"
         add(
             f"By noise level, the validation loss is highest for t in {hardest_bin['timesteps']} "
             f"({hardest_bin['val_loss']:.4f}) and lowest for t in {by_t.iloc[int(by_t['val_loss'].idxmin())]['timesteps']} "

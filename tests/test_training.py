@@ -42,7 +42,7 @@ def test_resume_mid_run_gives_the_same_weights_as_an_uninterrupted_run(mnist5k, 
 
 
 def test_a_few_hundred_steps_lower_the_validation_loss(mnist5k, tmp_path):
-    cfg = tiny_config(diffusion={"timesteps": 100, "prediction": "eps"}, train={"epochs": 1, "batch_size": 16, "lr": 3e-3, "ema_decay": 0.99})
+    cfg = tiny_config(diffusion={"prediction": "eps"}, train={"epochs": 1, "batch_size": 16, "lr": 3e-3, "ema_decay": 0.99})
     train = {k: v[:3200] for k, v in mnist5k["train"].items()}  # 200 steps
     val = {k: v[:200] for k, v in mnist5k["val"].items()}
     tr = Trainer(cfg, train, val, INFO, tmp_path, progress=False)
