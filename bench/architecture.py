@@ -63,7 +63,7 @@ def one(name: str, overrides: dict, epochs: int, per_class: int, judge, guidance
     for w in guidances or [s.guidance_scale]:
         t0 = time.perf_counter()
         images = draw(ema, tr.diffusion, labels, s.sampler, s.steps, s.eta, w, cfg.seed + 10,
-                      (spec.channels, spec.size, spec.size), s.batch_size, progress=False)
+                      (spec.channels, spec.size, spec.size), s.batch_size, progress=False, interval=tuple(s.guidance_interval))
         sample_s = time.perf_counter() - t0
         q = quality(to_uint8(images), labels, judge)
         rows.append({**trained, "guidance": w, "accuracy": q["accuracy"], "worst_digit_accuracy": q["worst_digit_accuracy"],
@@ -94,7 +94,7 @@ def main() -> None:
         print(rows[-1], file=sys.stderr, flush=True)
     cfg = load_config("params.yaml")
     print(f"Machine: {machine()}\nCommand: `python bench/architecture.py --epochs {args.epochs} --per-class {args.per_class}` "
-          f"(mnist-5k, batch {cfg.train.batch_size}, {cfg.sample.sampler} {cfg.sample.steps} steps, w={cfg.sample.guidance_scale})\n")
+          f"(mnist-5k, batch {cfg.train.batch_size}, {cfg.sample.sampler} {cfg.sample.steps} steps, w={cfg.sample.guidance_scale} at t/T in {cfg.sample.guidance_interval})\n")
     print(md_table(rows))
 
 

@@ -37,6 +37,8 @@ def main() -> None:
     ap.add_argument("--ddpm-per-class", type=int, default=10)
     ap.add_argument("--steps", default="10,20,50")
     ap.add_argument("--guidance", default="", help="comma-separated w: sweep the guidance with params.yaml's sampler instead")
+    ap.add_argument("--intervals", default="", help="semicolon-separated guidance intervals LO-HI (fractions of T), "
+                    "e.g. '0-1;0-0.7': with --guidance, every w at every interval")
     ap.add_argument("--seeds", default="", help="comma-separated sampling seeds (default: params.yaml's seed + 10, as the sample stage); "
                     "with several, a pooled table follows")
     args = ap.parse_args()
@@ -45,34 +47,40 @@ def main() -> None:
     judge = get_judge()
     shape = (info["channels"], info["size"], info["size"])
     w = cfg.sample.guidance_scale
+    full = tuple(cfg.sample.guidance_interval)
+    intervals = [tuple(map(float, iv.split("-"))) for iv in args.intervals.split(";")] if args.intervals else [full]
     if args.guidance:
-        runs = [(cfg.sample.sampler, cfg.sample.steps, args.per_class, float(g)) for g in args.guidance.split(",")]
+        runs = [(cfg.sample.sampler, cfg.sample.steps, args.per_class, float(g), iv)
+                for g in args.guidance.split(",") for iv in intervals]
     else:
-        runs = [("ddpm", diffusion.timesteps, args.ddpm_per_class, w)]
+        runs = [("ddpm", diffusion.timesteps, args.ddpm_per_class, w, full)]
         for n in map(int, args.steps.split(",")):
-            runs += [("ddim", n, args.per_class, w), ("dpm++2m", n, args.per_class, w)]
+            runs += [("ddim", n, args.per_class, w, full), ("dpm++2m", n, args.per_class, w, full)]
     seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [cfg.seed + 10]
     rows, pooled = [], []
-    for sampler, steps, per_class, guidance in runs:
+    for sampler, steps, per_class, guidance, interval in runs:
+        iv = f"{interval[0]:g}-{interval[1]:g}"
         labels = class_labels(10, per_class)
         preds = []
         for seed in seeds:
             t0 = time.perf_counter()
-            images = draw(model, diffusion, labels, sampler, steps, 0.0, guidance, seed, shape, 250, progress=False)
+            images = draw(model, diffusion, labels, sampler, steps, 0.0, guidance, seed, shape, 250, progress=False,
+                          interval=interval)
             seconds = time.perf_counter() - t0
             q = quality(to_uint8(images), labels, judge)
             preds.append(q["pred"])
-            rows.append({"sampler": sampler, "steps": steps, "guidance": guidance, "seed": seed, "images": len(labels),
+            rows.append({"sampler": sampler, "steps": steps, "guidance": guidance, "interval": iv, "seed": seed, "images": len(labels),
                          "accuracy": q["accuracy"], "worst_digit_accuracy": q["worst_digit_accuracy"], "fd": q["fd"],
                          "fd_real_vs_real": q["fd_real_vs_real"], "s_per_1000_digits": 1000 * seconds / len(labels)})
             print(rows[-1], file=sys.stderr)
         pred, truth = torch.cat(preds), labels.repeat(len(seeds))
         per_digit = digit_accuracies(pred, truth)
-        pooled.append({"sampler": sampler, "steps": steps, "guidance": guidance, "images": len(truth),
+        pooled.append({"sampler": sampler, "steps": steps, "guidance": guidance, "interval": iv, "images": len(truth),
                        "accuracy": float((pred == truth).float().mean()), "worst_digit": per_digit.index(min(per_digit)),
                        "worst_digit_accuracy": min(per_digit),
                        "fd_median": statistics.median(r["fd"] for r in rows[-len(seeds):])})
     cmd = f"--guidance {args.guidance} --per-class {args.per_class}" if args.guidance else f"--per-class {args.per_class} --ddpm-per-class {args.ddpm_per_class}"
+    cmd += f" --intervals '{args.intervals}'" if args.intervals else ""
     cmd += f" --seeds {args.seeds}" if args.seeds else ""
     cmd += f" --model {args.model}" if args.model != "models/model.pt" else ""
     print(f"Machine: {machine()}\nCommand: `python bench/samplers.py {cmd}` "

@@ -93,11 +93,13 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    per_class: int = 50
+    per_class: int = 100
     sampler: str = "dpm++2m"  # ddpm | ddim | dpm++2m
     steps: int = 10  # ignored by ddpm, which always takes diffusion.timesteps steps
     eta: float = 0.0  # DDIM stochasticity (0 = deterministic DDIM, 1 ~ DDPM)
-    guidance_scale: float = 1.25  # w in eps = eps_c + w (eps_c - eps_u); 0 = purely conditional
+    guidance_scale: float = 2.0  # w in eps = eps_c + w (eps_c - eps_u); 0 = purely conditional
+    # [lo, hi]: guide only where lo <= t / (T - 1) <= hi (Kynkaanniemi et al. 2024); [0, 1] = every step
+    guidance_interval: list[float] = field(default_factory=lambda: [0.0, 0.5])
     batch_size: int = 250
     trajectory_per_class: int = 16  # digits per class whose reverse process is recorded
     trajectory_points: int = 11  # recorded points along the reverse process (0%, 10%, ... 100%)
@@ -327,6 +329,10 @@ def validate(cfg: Config) -> Config:
     )
     _check(0 <= s.eta <= 1, f"sample.eta must be in [0, 1], got {s.eta}")
     _check(s.guidance_scale >= 0, f"sample.guidance_scale must be >= 0, got {s.guidance_scale}")
+    _check(
+        len(s.guidance_interval) == 2 and 0 <= s.guidance_interval[0] <= s.guidance_interval[1] <= 1,
+        f"sample.guidance_interval must be [lo, hi] with 0 <= lo <= hi <= 1, got {s.guidance_interval}",
+    )
     _check(s.batch_size > 0, f"sample.batch_size must be > 0, got {s.batch_size}")
     _check(s.trajectory_per_class >= 0, f"sample.trajectory_per_class must be >= 0, got {s.trajectory_per_class}")
     _check(s.trajectory_points >= 2, f"sample.trajectory_points must be >= 2, got {s.trajectory_points}")

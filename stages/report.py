@@ -32,6 +32,7 @@ RUN_COLUMNS = {
     "params.sample.sampler": "sampler",
     "params.sample.steps": "steps",
     "params.sample.guidance_scale": "guidance",
+    "params.sample.guidance_interval": "guided t/T",
     "metrics.train/final_val_loss": "val loss",
     "metrics.train/wall_time_s": "train s",
     "metrics.evaluate/digit-clip/accuracy_generated": "accuracy",
@@ -39,6 +40,15 @@ RUN_COLUMNS = {
     "metrics.evaluate/digit-clip/frechet_distance": "FD",
     "metrics.sample/seconds_per_image": "s/image",
 }
+
+
+def guidance_text(m_sample: dict) -> str:
+    """'guidance w=2.0 at the 5 of 10 steps with t/T in [0, 0.5]' from the sample stage's metrics."""
+    lo, hi = m_sample.get("guidance_interval", [0.0, 1.0])
+    w = f"guidance w={m_sample['guidance_scale']}"
+    if (lo, hi) == (0.0, 1.0):
+        return f"{w} at every step"
+    return f"{w} at the {m_sample['guided_steps']} of {m_sample['steps']} steps with t/T in [{lo:g}, {hi:g}] (the conditional model alone at the others)"
 
 
 def runs_index(path: Path) -> pd.DataFrame:
@@ -109,7 +119,7 @@ def main(
                 ("model", f"U-Net, {count_parameters(model):,} parameters"),
                 ("diffusion", f"T={mcfg.diffusion.timesteps}, {mcfg.diffusion.schedule} schedule, predicts {mcfg.diffusion.prediction}"),
                 ("training", f"{m_train['steps']} steps ({m_train['epochs']} epochs, batch {mcfg.train.batch_size}) in {m_train['wall_time_s']:.0f} s on {m_train['device']} ({m_train['images_per_s']:.0f} images/s)"),
-                ("sampler", f"{m_sample['sampler']}, {m_sample['steps']} steps, guidance w={m_sample['guidance_scale']}"),
+                ("sampler", f"{m_sample['sampler']}, {m_sample['steps']} steps, {guidance_text(m_sample)}"),
                 ("final validation loss", f"{m_train['final_val_loss']:.4f}"),
                 (f"judged accuracy ({cfg.clip.models[0]})", f"{head['accuracy_generated']:.1%} generated vs {head['accuracy_real']:.1%} real"),
                 (f"worst {cls}", f"{head['worst_class']} ({head['worst_class_accuracy']:.1%})"),
@@ -274,7 +284,7 @@ def main(
 
         # 7. Samples ------------------------------------------------------------------------------
         add("## 7. Samples\n")
-        add(f"One row per {cls}, {m_sample['sampler']} with {m_sample['steps']} steps and guidance w={m_sample['guidance_scale']}.\n")
+        add(f"One row per {cls}, {m_sample['sampler']} with {m_sample['steps']} steps and {guidance_text(m_sample)}.\n")
         shutil.copy("samples/grid.png", fig_dir / "samples.png")
         add("![samples](figures/samples.png)\n")
 
@@ -285,7 +295,8 @@ def main(
             add(
                 f"{int(sweep['images'].iloc[0])} {items} per setting ({cfg.sweep.per_class} per class), judged by digit-clip; the Frechet "
                 f"distance is to real test {items} (lower = closer to real, a proxy for diversity and realism). "
-                "Guidance: eps = eps_cond + w (eps_cond - eps_uncond), w = 0 being the purely conditional model.\n"
+                "Guidance: eps = eps_cond + w (eps_cond - eps_uncond), w = 0 being the purely conditional model, "
+                f"at the same steps as the samples' ({guidance_text(m_sample)}).\n"
             )
             add("![sweeps](figures/sweep.png)\n")
             add(R.md_table(sweep, ".4g") + "\n")

@@ -30,7 +30,7 @@ from diffusion_core.checkpoint import load_model
 from diffusion_core.config import ConfigError, load_config
 from diffusion_core.data import DATASETS, to_uint8
 from diffusion_core.images import save_grid
-from diffusion_core.samplers import class_labels, make_scheduler, sample
+from diffusion_core.samplers import class_labels, guidance_at, make_scheduler, sample
 from diffusion_core.trainer import resolve_device
 from stages._common import one_line_errors, write_json
 
@@ -38,14 +38,16 @@ app = typer.Typer(add_completion=False)
 
 
 def draw(model, diffusion, labels: torch.Tensor, sampler: str, steps: int, eta: float, guidance: float,
-         seed: int, shape: tuple[int, ...], batch_size: int, progress: bool = True) -> torch.Tensor:
-    """Sample ``labels`` in batches with one seeded generator; returns [N, C, H, W] in [-1, 1]."""
+         seed: int, shape: tuple[int, ...], batch_size: int, progress: bool = True,
+         interval: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
+    """Sample ``labels`` in batches with one seeded generator; returns [N, C, H, W] in [-1, 1].
+    ``guidance`` applies inside ``interval`` (fractions of the timesteps, see ``samplers.guidance_at``)."""
     g = torch.Generator().manual_seed(seed)
     out = []
     batches = list(torch.split(labels, batch_size))
     for y in progress_bar(batches, desc=f"sampling ({sampler}, {len(labels)} images)", disable=not progress):
         sched = make_scheduler(sampler, diffusion, steps, eta)
-        out.append(sample(model, diffusion, sched, y, guidance, g, shape=shape).images)
+        out.append(sample(model, diffusion, sched, y, guidance, g, shape=shape, guidance_interval=interval).images)
     return torch.cat(out)
 
 
@@ -101,6 +103,7 @@ def main(
         overrides["sample.steps"] = steps
     cfg = load_config(params, overrides=overrides)
     s = cfg.sample
+    interval = tuple(s.guidance_interval)
     device = resolve_device(cfg.train.device)
     if klass is not None or digit is not None:
         if count <= 0:
@@ -114,9 +117,9 @@ def main(
         shape = (info["channels"], info["size"], info["size"])
         labels = torch.full((count,), c, dtype=torch.long)
         images = draw(model, diffusion, labels, s.sampler, s.steps, s.eta, s.guidance_scale,
-                      cfg.seed + 10 if seed is None else seed, shape, s.batch_size)
+                      cfg.seed + 10 if seed is None else seed, shape, s.batch_size, interval=interval)
         save_grid(images, out, nrow=min(count, 8), scale=3)
-        typer.echo(f"drew {count} x '{names[c]}' with {s.sampler} (w={s.guidance_scale}) -> {out}")
+        typer.echo(f"drew {count} x '{names[c]}' with {s.sampler} (w={s.guidance_scale} at t/T in {s.guidance_interval}) -> {out}")
         return
 
     model, diffusion, mcfg, info, meta = load_model(model_path, device, expect=cfg)
@@ -128,7 +131,8 @@ def main(
 
         labels = class_labels(len(names), s.per_class)
         t0 = time.perf_counter()
-        images = draw(model, diffusion, labels, s.sampler, s.steps, s.eta, s.guidance_scale, cfg.seed + 10, shape, s.batch_size)
+        images = draw(model, diffusion, labels, s.sampler, s.steps, s.eta, s.guidance_scale, cfg.seed + 10, shape, s.batch_size,
+                      interval=interval)
         seconds = time.perf_counter() - t0
         save_samples(out_dir / "samples.npz", images, labels, names)
         per_row = min(s.per_class, 10)
@@ -140,7 +144,8 @@ def main(
             tl = class_labels(len(names), s.trajectory_per_class)
             sched = make_scheduler(s.sampler, diffusion, s.steps, s.eta)
             g = torch.Generator().manual_seed(cfg.seed + 11)
-            res = sample(model, diffusion, sched, tl, s.guidance_scale, g, shape=shape, trajectory_points=s.trajectory_points, progress=True)
+            res = sample(model, diffusion, sched, tl, s.guidance_scale, g, shape=shape, trajectory_points=s.trajectory_points,
+                         progress=True, guidance_interval=interval)
             tr = res.trajectory
             np.savez_compressed(
                 out_dir / "trajectory.npz",
@@ -149,15 +154,19 @@ def main(
                 class_names=np.array(names),
             )
             traj_info = {"trajectory_images": len(tl), "trajectory_points": len(tr.fraction)}
-        nfe = len(make_scheduler(s.sampler, diffusion, s.steps).timesteps)
+        timesteps = make_scheduler(s.sampler, diffusion, s.steps).timesteps.tolist()
+        nfe = len(timesteps)
+        guided = sum(guidance_at(t, diffusion.timesteps, s.guidance_scale, interval) > 0 for t in timesteps)
         summary = {
             "sampler": s.sampler,
             "steps": nfe,
             "guidance_scale": s.guidance_scale,
+            "guidance_interval": list(interval),
+            "guided_steps": guided,
             "images": len(labels),
             "seconds": round(seconds, 3),
             "seconds_per_image": seconds / len(labels),
-            "network_evaluations_per_image": nfe * (2 if s.guidance_scale > 0 else 1),
+            "network_evaluations_per_image": nfe + guided,  # a guided step evaluates the network twice
             "device": str(device),
             "model_steps": meta.get("steps"),
             **traj_info,

@@ -1,7 +1,8 @@
 """Stage: guidance and sampler sweeps on the trained model, judged by the dataset CLIP (digit-clip).
 
 For each guidance scale in ``sweep.guidance_scales`` (with the sampler of ``sample``) and each
-``SAMPLER:STEPS`` in ``sweep.samplers`` (with ``sample.guidance_scale``), draws
+``SAMPLER:STEPS`` in ``sweep.samplers`` (with ``sample.guidance_scale``), all guided inside
+``sample.guidance_interval``, draws
 ``sweep.per_class`` images per class and records judged accuracy, the Frechet distance to real
 test images in digit-clip's embedding space, and wall time per image.
 Out: ``sweep/results.csv``.
@@ -55,7 +56,8 @@ def main(
     rows = []
     for kind, sampler, steps, g in runs:
         t0 = time.perf_counter()
-        images = draw(model, diffusion, labels, sampler, steps, s.eta, g, cfg.seed + 20, shape, s.batch_size, progress=False)
+        images = draw(model, diffusion, labels, sampler, steps, s.eta, g, cfg.seed + 20, shape, s.batch_size, progress=False,
+                      interval=tuple(s.guidance_interval))
         seconds = time.perf_counter() - t0
         emb, score, pred = judge_images(judge, images, labels, text, cfg.clip.batch_size)
         rows.append(

@@ -10,6 +10,7 @@ from diffusion_core.diffusion import GaussianDiffusion
 from diffusion_core.samplers import (
     SAMPLERS,
     class_labels,
+    guidance_at,
     guided_output,
     make_scheduler,
     record_indices,
@@ -154,6 +155,34 @@ def test_guidance_zero_is_the_conditional_output_and_w_mixes_in_one_pass():
     assert calls == [3, 6]  # w = 0: one conditional pass; w > 0: one batched pass of 2B
     assert not torch.allclose(cond, uncond)
     assert torch.allclose(guided, cond + 3.0 * (cond - uncond), atol=1e-5)
+
+
+def test_guidance_interval_guides_only_the_chosen_timesteps():
+    assert [guidance_at(t, 1000, 2.0, (0.0, 0.5)) for t in (999, 599, 500, 499, 99, 0)] == [0, 0, 0, 2.0, 2.0, 2.0]
+    assert guidance_at(999, 1000, 2.0, (0.0, 1.0)) == 2.0 and guidance_at(0, 1000, 2.0, (0.2, 0.6)) == 0.0
+    torch.manual_seed(0)
+    from diffusion_core.unet import UNet
+
+    model = UNet(base_channels=8, channel_mult=(1, 2), attention_resolutions=(14,), num_heads=2, norm_groups=4).eval()
+    for p in model.parameters():
+        p.data.normal_(0, 0.05)
+    d = GaussianDiffusion(timesteps=100)
+    labels = class_labels(10, 1)
+    calls = []
+    model.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
+
+    def run(w, interval):
+        calls.clear()
+        sched = make_scheduler("dpm++2m", d, 4)  # t = 99, 74, 49, 24
+        return sample(model, d, sched, labels, w, torch.Generator().manual_seed(0), shape=(1, 28, 28),
+                      guidance_interval=interval).images
+
+    assert torch.equal(run(2.0, (0.0, 0.0)), run(0.0, (0.0, 1.0)))  # an empty interval is the conditional model
+    full = run(2.0, (0.0, 1.0))
+    assert calls == [20] * 4  # every step: one batched pass of conditional + unconditional
+    half = run(2.0, (0.0, 0.5))
+    assert calls == [10, 10, 20, 20]  # t = 99, 74 unguided; t = 49, 24 guided
+    assert not torch.equal(half, full) and not torch.equal(half, run(0.0, (0.0, 1.0)))
 
 
 @pytest.mark.parametrize("prediction,weighting", [("eps", "none"), ("eps", "min_snr"), ("v", "min_snr")])

@@ -153,6 +153,10 @@ def test_report_has_every_section_and_figure_and_its_numbers_come_from_the_metri
     assert f"accuracy {ev['accuracy_generated']:.1%} on {ev['n_generated']} generated digits" in report
     assert f"{ev['frechet_distance']:.4f}" in report
     assert f"{sample['seconds_per_image'] * 1000:.1f} ms per image" in report
+    # 5 steps of T = 100 visit t/T = 1, 0.8, 0.6, 0.39, 0.19: guidance inside [0, 0.5] doubles 2 of them
+    assert sample["guidance_interval"] == [0.0, 0.5] and sample["guided_steps"] == 2
+    assert sample["network_evaluations_per_image"] == 7
+    assert f"guidance w={sample['guidance_scale']} at the 2 of 5 steps with t/T in [0, 0.5]" in report
     run_id = json.loads((dst / "evaluation/run.json").read_text())["run_id"]
     assert run_id in report
     # the easiest/hardest paragraph is filled from the ranking table
