@@ -249,8 +249,9 @@ def easiest_hardest_paragraph(ranking: pd.DataFrame, judge: str, noun: str = "di
         f"real {items} {worst['accuracy_real']:.0%}), a spread of {spread * 100:.0f} percentage points. "
     )
     if gap["accuracy_gap"] > 0:
+        points = f"{gap['accuracy_gap'] * 100:.0f}"
         text += (
-            f"The largest shortfall against real {items} is for {gap['name']}: {gap['accuracy_gap'] * 100:.0f} points "
+            f"The largest shortfall against real {items} is for {gap['name']}: {points} point{'' if points == '1' else 's'} "
             f"below the judge's accuracy on real {items} of that class, so that gap is the model's, not the judge's."
         )
     else:

@@ -43,12 +43,12 @@ RUN_COLUMNS = {
 
 
 def guidance_text(m_sample: dict) -> str:
-    """'guidance w=2.0 at the 5 of 10 steps with t/T in [0, 0.5]' from the sample stage's metrics."""
+    """'guidance w=2.0 at the 5 of 10 steps with t/T in [0, 0.5] ...' from the sample stage's metrics."""
     lo, hi = m_sample.get("guidance_interval", [0.0, 1.0])
     w = f"guidance w={m_sample['guidance_scale']}"
     if (lo, hi) == (0.0, 1.0):
         return f"{w} at every step"
-    return f"{w} at the {m_sample['guided_steps']} of {m_sample['steps']} steps with t/T in [{lo:g}, {hi:g}] (the conditional model alone at the others)"
+    return f"{w} at the {m_sample['guided_steps']} of {m_sample['steps']} steps with t/T in [{lo:g}, {hi:g}], the conditional model alone at the others"
 
 
 def runs_index(path: Path) -> pd.DataFrame:
@@ -292,11 +292,12 @@ def main(
         add("## 8. Guidance and samplers\n")
         if sweep is not None:
             R.sweep_plot(sweep, fig_dir / "sweep.png")
+            lo, hi = m_sample.get("guidance_interval", [0.0, 1.0])
             add(
                 f"{int(sweep['images'].iloc[0])} {items} per setting ({cfg.sweep.per_class} per class), judged by digit-clip; the Frechet "
                 f"distance is to real test {items} (lower = closer to real, a proxy for diversity and realism). "
                 "Guidance: eps = eps_cond + w (eps_cond - eps_uncond), w = 0 being the purely conditional model, "
-                f"at the same steps as the samples' ({guidance_text(m_sample)}).\n"
+                f"applied where t/T is in [{lo:g}, {hi:g}] (`sample.guidance_interval`), as in the samples.\n"
             )
             add("![sweeps](figures/sweep.png)\n")
             add(R.md_table(sweep, ".4g") + "\n")
