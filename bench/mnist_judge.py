@@ -5,6 +5,7 @@ bench/.cache/mnist_cnn.pt. Gives judged accuracy (overall, per digit) and a Frec
 penultimate-layer feature space against real MNIST test digits.
 
     python bench/mnist_judge.py            # trains if needed, prints its accuracy on the test set
+    python bench/mnist_judge.py --data-floor 200   # + the FD of 2,000 of the default's training digits
 """
 
 from __future__ import annotations
@@ -135,8 +136,30 @@ def quality(images_uint8: torch.Tensor, labels: torch.Tensor, model: CNN | None 
     }
 
 
+def training_digits_quality(per_class: int) -> dict:
+    """``quality()`` of the default model's own training digits (the mnist-5k train split, ``per_class``
+    of each digit, as the generated sets are): the FD a model that reproduced its training set would reach."""
+    from diffusion_core.data import build_splits
+
+    train = build_splits("mnist-5k")["train"]
+    labels = train["labels"].long()
+    idx = torch.cat([torch.nonzero(labels == c).flatten()[:per_class] for c in range(10)])
+    return quality(train["images"][idx], labels[idx])
+
+
 if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data-floor", type=int, default=0, metavar="PER_CLASS",
+                    help="also judge PER_CLASS mnist-5k training digits of each class like a generated set")
+    args = ap.parse_args()
     m = get_judge()
     x, y = load_mnist(False)
     pred, _ = judge(m, x)
     print(f"MNIST judge accuracy on the 10,000 test digits: {(pred == y).float().mean():.4f}")
+    if args.data_floor:
+        q = training_digits_quality(args.data_floor)
+        print(f"mnist-5k training digits, {q['n']} ({args.data_floor} per class): judged {q['accuracy']:.4f}, worst digit "
+              f"{q['worst_digit']} {q['worst_digit_accuracy']:.3f}, FD {q['fd']:.2f} to as many test digits "
+              f"(real-vs-real floor {q['fd_real_vs_real']:.2f})")

@@ -1,13 +1,14 @@
 """Quality per step of training recipes: loss weighting, prediction target, schedule, EMA, lr.
 
-    python bench/recipe.py [--epochs 20] [--per-class 50] [--guidance 1,1.5,2] [--variants eps,v,v + min-snr-5]
+    python bench/recipe.py [--epochs 20] [--per-class 50] [--guidance 1,1.5,2] [--interval 0-1] [--variants eps,v,v + min-snr-5]
 
 Each variant trains the default network on the mnist-5k split with the real Trainer for the same
 number of optimizer steps (params.yaml's recipe with the variant's keys changed; a variant that
 sets ``train.epochs`` trains longer than ``--epochs``), then draws
 ``per_class`` digits per class at each guidance scale with params.yaml's sampler, judged by the MNIST
 CNN of bench/mnist_judge.py. Guidance trades diversity (FD) for accuracy, so each trained model is
-judged at several scales: compare variants along that curve, not at one point.
+judged at several scales: compare variants along that curve, not at one point. ``--interval LO-HI``
+sets where the guidance applies (``sample.guidance_interval``; default params.yaml's).
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ VARIANTS = {
     "eps + label dropout 0.2": {**EPS, "train.cond_drop_prob": 0.2},
     "v + 24 epochs": {**V, "train.epochs": 24},
     "v + width 40": {**V, "model.base_channels": 40},
+    "v + 30 epochs": {**V, "train.epochs": 30},
+    "v + width 40 + 30 epochs": {**V, "model.base_channels": 40, "train.epochs": 30},
 }
 
 
@@ -47,20 +50,22 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--per-class", type=int, default=50)
     ap.add_argument("--guidance", default="1,1.5,2", help="comma-separated guidance scales w")
+    ap.add_argument("--interval", default="", help="guidance interval LO-HI as fractions of T (default: params.yaml's)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names from VARIANTS")
     args = ap.parse_args()
     names = pick_variants(args.variants, VARIANTS)
     guidances = [float(g) for g in args.guidance.split(",")]
+    cfg = load_config("params.yaml")
+    interval = [float(x) for x in args.interval.split("-")] if args.interval else cfg.sample.guidance_interval
     judge = get_judge()
     rows = []
     for name in names:
-        rows += one(name, VARIANTS[name], args.epochs, args.per_class, judge, guidances)
+        rows += one(name, {**VARIANTS[name], "sample.guidance_interval": interval}, args.epochs, args.per_class, judge, guidances)
         for r in rows[-len(guidances):]:
             print(r, file=sys.stderr, flush=True)
-    cfg = load_config("params.yaml")
     print(f"Machine: {machine()}\nCommand: `python bench/recipe.py --epochs {args.epochs} --per-class {args.per_class} "
-          f"--guidance {args.guidance} --variants \"{','.join(names)}\"` "
-          f"(mnist-5k, batch {cfg.train.batch_size}, {cfg.sample.sampler} {cfg.sample.steps} steps)\n")
+          f"--guidance {args.guidance} --interval {interval[0]:g}-{interval[1]:g} --variants \"{','.join(names)}\"` "
+          f"(mnist-5k, batch {cfg.train.batch_size}, {cfg.sample.sampler} {cfg.sample.steps} steps, guided where t/T is in {interval})\n")
     print(md_table(rows))
 
 

@@ -3,6 +3,8 @@
     python bench/samplers.py [--model models/model.pt] [--per-class 20] [--ddpm-per-class 10]
     python bench/samplers.py --guidance 0,1,2,3     # params.yaml's sampler at each guidance scale w
     python bench/samplers.py --guidance 1,1.5 --per-class 200 --seeds 10,1,2   # several draws, pooled
+    python bench/samplers.py --guidance 2 --intervals '0-1;0-0.5'     # where the guidance applies
+    python bench/samplers.py --guidance 2 --sampler ddim:20 --eta 1   # another sampler (DDIM eta) in that sweep
 
 Every sampler draws the same labels with the same seed and guidance (sample.guidance_scale of
 params.yaml); the MNIST CNN of bench/mnist_judge.py judges them. Ancestral DDPM takes all T steps,
@@ -37,6 +39,8 @@ def main() -> None:
     ap.add_argument("--ddpm-per-class", type=int, default=10)
     ap.add_argument("--steps", default="10,20,50")
     ap.add_argument("--guidance", default="", help="comma-separated w: sweep the guidance with params.yaml's sampler instead")
+    ap.add_argument("--sampler", default="", help="with --guidance: SAMPLER:STEPS instead of params.yaml's sample.sampler/steps")
+    ap.add_argument("--eta", type=float, default=None, help="DDIM eta (default: params.yaml's sample.eta)")
     ap.add_argument("--intervals", default="", help="semicolon-separated guidance intervals LO-HI (fractions of T), "
                     "e.g. '0-1;0-0.7': with --guidance, every w at every interval")
     ap.add_argument("--seeds", default="", help="comma-separated sampling seeds (default: params.yaml's seed + 10, as the sample stage); "
@@ -49,8 +53,10 @@ def main() -> None:
     w = cfg.sample.guidance_scale
     full = tuple(cfg.sample.guidance_interval)
     intervals = [tuple(map(float, iv.split("-"))) for iv in args.intervals.split(";")] if args.intervals else [full]
+    eta = cfg.sample.eta if args.eta is None else args.eta
     if args.guidance:
-        runs = [(cfg.sample.sampler, cfg.sample.steps, args.per_class, float(g), iv)
+        name, steps = (args.sampler.split(":")[0], int(args.sampler.split(":")[1])) if args.sampler else (cfg.sample.sampler, cfg.sample.steps)
+        runs = [(name, steps, args.per_class, float(g), iv)
                 for g in args.guidance.split(",") for iv in intervals]
     else:
         runs = [("ddpm", diffusion.timesteps, args.ddpm_per_class, w, full)]
@@ -60,26 +66,29 @@ def main() -> None:
     rows, pooled = [], []
     for sampler, steps, per_class, guidance, interval in runs:
         iv = f"{interval[0]:g}-{interval[1]:g}"
+        shown = f"ddim eta={eta:g}" if sampler == "ddim" and eta else sampler
         labels = class_labels(10, per_class)
         preds = []
         for seed in seeds:
             t0 = time.perf_counter()
-            images = draw(model, diffusion, labels, sampler, steps, 0.0, guidance, seed, shape, 250, progress=False,
+            images = draw(model, diffusion, labels, sampler, steps, eta, guidance, seed, shape, 250, progress=False,
                           interval=interval)
             seconds = time.perf_counter() - t0
             q = quality(to_uint8(images), labels, judge)
             preds.append(q["pred"])
-            rows.append({"sampler": sampler, "steps": steps, "guidance": guidance, "interval": iv, "seed": seed, "images": len(labels),
+            rows.append({"sampler": shown, "steps": steps, "guidance": guidance, "interval": iv, "seed": seed, "images": len(labels),
                          "accuracy": q["accuracy"], "worst_digit_accuracy": q["worst_digit_accuracy"], "fd": q["fd"],
                          "fd_real_vs_real": q["fd_real_vs_real"], "s_per_1000_digits": 1000 * seconds / len(labels)})
             print(rows[-1], file=sys.stderr)
         pred, truth = torch.cat(preds), labels.repeat(len(seeds))
         per_digit = digit_accuracies(pred, truth)
-        pooled.append({"sampler": sampler, "steps": steps, "guidance": guidance, "interval": iv, "images": len(truth),
+        pooled.append({"sampler": shown, "steps": steps, "guidance": guidance, "interval": iv, "images": len(truth),
                        "accuracy": float((pred == truth).float().mean()), "worst_digit": per_digit.index(min(per_digit)),
                        "worst_digit_accuracy": min(per_digit),
                        "fd_median": statistics.median(r["fd"] for r in rows[-len(seeds):])})
     cmd = f"--guidance {args.guidance} --per-class {args.per_class}" if args.guidance else f"--per-class {args.per_class} --ddpm-per-class {args.ddpm_per_class}"
+    cmd += f" --sampler {args.sampler}" if args.sampler else ""
+    cmd += f" --eta {args.eta:g}" if args.eta is not None else ""
     cmd += f" --intervals '{args.intervals}'" if args.intervals else ""
     cmd += f" --seeds {args.seeds}" if args.seeds else ""
     cmd += f" --model {args.model}" if args.model != "models/model.pt" else ""
