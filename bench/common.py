@@ -51,6 +51,17 @@ def mnist_root() -> Path:
     return CACHE
 
 
+def parse_interval(text: str, flag: str) -> tuple[float, float]:
+    """'LO-HI' (fractions of T) -> (lo, hi); a malformed one stops with one line naming ``flag``."""
+    try:
+        lo, hi = (float(x) for x in text.split("-"))
+    except ValueError:
+        raise SystemExit(f"{flag}: expected LO-HI such as 0-0.5, got {text!r}") from None
+    if not 0 <= lo <= hi <= 1:
+        raise SystemExit(f"{flag}: need 0 <= LO <= HI <= 1, got {text!r}")
+    return lo, hi
+
+
 def md_table(rows: list[dict]) -> str:
     cols = list(rows[0])
 

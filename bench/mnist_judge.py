@@ -140,11 +140,9 @@ def training_digits_quality(per_class: int) -> dict:
     """``quality()`` of the default model's own training digits (the mnist-5k train split, ``per_class``
     of each digit, as the generated sets are): the FD a model that reproduced its training set would reach."""
     from diffusion_core.data import build_splits
+    from stages.evaluate import take_per_class
 
-    train = build_splits("mnist-5k")["train"]
-    labels = train["labels"].long()
-    idx = torch.cat([torch.nonzero(labels == c).flatten()[:per_class] for c in range(10)])
-    return quality(train["images"][idx], labels[idx])
+    return quality(*take_per_class(build_splits("mnist-5k")["train"], per_class, 10))
 
 
 if __name__ == "__main__":

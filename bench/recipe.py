@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.architecture import one, pick_variants  # noqa: E402
-from bench.common import machine, md_table  # noqa: E402
+from bench.common import machine, md_table, parse_interval  # noqa: E402
 from bench.mnist_judge import get_judge  # noqa: E402
 from diffusion_core.config import load_config  # noqa: E402
 
@@ -56,7 +56,7 @@ def main() -> None:
     names = pick_variants(args.variants, VARIANTS)
     guidances = [float(g) for g in args.guidance.split(",")]
     cfg = load_config("params.yaml")
-    interval = [float(x) for x in args.interval.split("-")] if args.interval else cfg.sample.guidance_interval
+    interval = list(parse_interval(args.interval, "--interval")) if args.interval else cfg.sample.guidance_interval
     judge = get_judge()
     rows = []
     for name in names:

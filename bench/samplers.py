@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import machine, md_table  # noqa: E402
+from bench.common import machine, md_table, parse_interval  # noqa: E402
 from bench.mnist_judge import digit_accuracies, get_judge, quality  # noqa: E402
 from diffusion_core.checkpoint import load_model  # noqa: E402
 from diffusion_core.config import load_config  # noqa: E402
@@ -52,7 +52,7 @@ def main() -> None:
     shape = (info["channels"], info["size"], info["size"])
     w = cfg.sample.guidance_scale
     full = tuple(cfg.sample.guidance_interval)
-    intervals = [tuple(map(float, iv.split("-"))) for iv in args.intervals.split(";")] if args.intervals else [full]
+    intervals = [parse_interval(iv, "--intervals") for iv in args.intervals.split(";")] if args.intervals else [full]
     eta = cfg.sample.eta if args.eta is None else args.eta
     if args.guidance:
         name, steps = (args.sampler.split(":")[0], int(args.sampler.split(":")[1])) if args.sampler else (cfg.sample.sampler, cfg.sample.steps)

@@ -22,6 +22,7 @@ every step.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -166,7 +167,7 @@ def guided_output(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, y: torch
     return cond + w * (cond - uncond)
 
 
-def guidance_at(t: int, timesteps: int, w: float, interval: tuple[float, float] = (0.0, 1.0)) -> float:
+def guidance_at(t: int, timesteps: int, w: float, interval: Sequence[float] = (0.0, 1.0)) -> float:
     """The guidance scale used at timestep ``t``: ``w`` inside ``interval`` (fractions of T - 1), else 0."""
     lo, hi = interval
     return w if lo <= t / (timesteps - 1) <= hi else 0.0
@@ -207,7 +208,7 @@ def sample(
     trajectory_points: int = 0,
     clip_x0: bool = True,
     progress: bool = False,
-    guidance_interval: tuple[float, float] = (0.0, 1.0),
+    guidance_interval: Sequence[float] = (0.0, 1.0),
 ) -> SampleResult:
     """Draw ``len(labels)`` images of the requested classes.
 

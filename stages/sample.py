@@ -17,6 +17,7 @@ On request, by class name or index: ``python -m stages.sample --class horse --co
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
@@ -39,7 +40,7 @@ app = typer.Typer(add_completion=False)
 
 def draw(model, diffusion, labels: torch.Tensor, sampler: str, steps: int, eta: float, guidance: float,
          seed: int, shape: tuple[int, ...], batch_size: int, progress: bool = True,
-         interval: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
+         interval: Sequence[float] = (0.0, 1.0)) -> torch.Tensor:
     """Sample ``labels`` in batches with one seeded generator; returns [N, C, H, W] in [-1, 1].
     ``guidance`` applies inside ``interval`` (fractions of the timesteps, see ``samplers.guidance_at``)."""
     g = torch.Generator().manual_seed(seed)
@@ -103,7 +104,7 @@ def main(
         overrides["sample.steps"] = steps
     cfg = load_config(params, overrides=overrides)
     s = cfg.sample
-    interval = tuple(s.guidance_interval)
+    interval = s.guidance_interval
     device = resolve_device(cfg.train.device)
     if klass is not None or digit is not None:
         if count <= 0:
@@ -161,7 +162,7 @@ def main(
             "sampler": s.sampler,
             "steps": nfe,
             "guidance_scale": s.guidance_scale,
-            "guidance_interval": list(interval),
+            "guidance_interval": interval,
             "guided_steps": guided,
             "images": len(labels),
             "seconds": round(seconds, 3),

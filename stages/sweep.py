@@ -57,7 +57,7 @@ def main(
     for kind, sampler, steps, g in runs:
         t0 = time.perf_counter()
         images = draw(model, diffusion, labels, sampler, steps, s.eta, g, cfg.seed + 20, shape, s.batch_size, progress=False,
-                      interval=tuple(s.guidance_interval))
+                      interval=s.guidance_interval)
         seconds = time.perf_counter() - t0
         emb, score, pred = judge_images(judge, images, labels, text, cfg.clip.batch_size)
         rows.append(
