@@ -157,6 +157,25 @@ def test_guidance_zero_is_the_conditional_output_and_w_mixes_in_one_pass():
     assert torch.allclose(guided, cond + 3.0 * (cond - uncond), atol=1e-5)
 
 
+def test_bench_autoguidance_mixes_the_guide_conditional_output():
+    """bench/autoguidance.py: through guided_output, good + w (good - guide(y)), not the null class."""
+    from bench.autoguidance import AutoGuided
+    from diffusion_core.unet import UNet
+
+    torch.manual_seed(0)
+    good, guide = (UNet(base_channels=8, channel_mult=(1, 2), attention_resolutions=(14,), num_heads=2, norm_groups=4).eval()
+                   for _ in range(2))
+    for p in [*good.parameters(), *guide.parameters()]:
+        p.data.normal_(0, 0.05)
+    x, t, y = torch.randn(3, 1, 28, 28), torch.tensor([5, 500, 900]), torch.tensor([1, 7, 3])
+    auto = AutoGuided(good, guide, null_class=10)
+    with torch.no_grad():
+        g, b = good(x, t, y), guide(x, t, y)
+        assert torch.allclose(guided_output(auto, x, t, y, 2.0, 10), g + 2.0 * (g - b), atol=1e-5)
+        assert torch.equal(guided_output(auto, x, t, y, 0.0, 10), g)
+        assert not torch.allclose(b, guide(x, t, torch.full_like(y, 10)))  # the guide sees the class
+
+
 def test_guidance_interval_guides_only_the_chosen_timesteps():
     assert [guidance_at(t, 1000, 2.0, (0.0, 0.5)) for t in (999, 599, 500, 499, 99, 0)] == [0, 0, 0, 2.0, 2.0, 2.0]
     assert guidance_at(999, 1000, 2.0, (0.0, 1.0)) == 2.0 and guidance_at(0, 1000, 2.0, (0.2, 0.6)) == 0.0

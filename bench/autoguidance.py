@@ -1,0 +1,118 @@
+"""Autoguidance (Karras et al. 2024) with earlier snapshots of the same run as the guiding model.
+
+    python bench/autoguidance.py [--per-class 200] [--guides cfg,ema2,ema4,ema8,raw] [--guidance 1,2] [--intervals '0-1;0-0.5']
+
+Autoguidance replaces classifier-free guidance's unconditional output by the conditional output of a
+weaker model of the same task: out = good + w (good - guide), both conditioned on the class. The
+paper's guide is a smaller, shorter-trained network; the one free here is an earlier EMA snapshot of
+the default run itself (``emaN``: after epoch N) or its final raw, un-averaged weights (``raw``).
+``cfg`` is the product's classifier-free guidance, for comparison.
+
+Trains the default params.yaml recipe once (deterministic: the same weights as ``dvc repro``), keeping
+the EMA at every epoch (cached in ``--cache``), then draws ``per_class`` digits per class with
+params.yaml's sampler for every guide, w and interval, judged by the MNIST CNN of bench/mnist_judge.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import machine, md_table, parse_interval  # noqa: E402
+from bench.mnist_judge import get_judge, quality  # noqa: E402
+from diffusion_core.checkpoint import build_model  # noqa: E402
+from diffusion_core.config import load_config  # noqa: E402
+from diffusion_core.data import DATASETS, build_splits, to_uint8  # noqa: E402
+from diffusion_core.samplers import class_labels  # noqa: E402
+from diffusion_core.trainer import Trainer  # noqa: E402
+from stages.sample import draw  # noqa: E402
+
+
+class AutoGuided(torch.nn.Module):
+    """The network ``samplers.guided_output`` sees: it stacks [x; x] with labels [y; null] to get
+    the conditional and unconditional outputs in one pass. Here the second half goes to ``guide``
+    with the labels y of the first half instead, so the guided output is good + w (good - guide)."""
+
+    def __init__(self, good: torch.nn.Module, guide: torch.nn.Module, null_class: int) -> None:
+        super().__init__()
+        self.good, self.guide, self.null_class = good, guide, null_class
+
+    def forward(self, x, t, y):
+        n = len(x) // 2
+        if len(x) % 2 == 0 and n and bool((y[n:] == self.null_class).all()) and torch.equal(x[:n], x[n:]):
+            return torch.cat([self.good(x[:n], t[:n], y[:n]), self.guide(x[:n], t[:n], y[:n])])
+        return self.good(x, t, y)  # an unguided step: the conditional model alone
+
+
+def snapshots(cfg, info: dict, cache: Path) -> dict[str, dict]:
+    """{"emaN": EMA state after epoch N, "raw": final raw weights}; trained once, then read from ``cache``."""
+    if cache.exists():
+        return torch.load(cache, weights_only=True)
+    splits = build_splits(cfg.data.source, cfg.data.root, cfg.seed, cfg.data.val_fraction, cfg.data.test_fraction)
+    snaps: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as out:
+        tr = Trainer(cfg, splits["train"], splits["val"], info, out, progress=False)
+        tr.on_epoch = lambda epoch, rec, grid: snaps.__setitem__(f"ema{epoch}", copy.deepcopy(tr.ema.module.state_dict()))
+        tr.fit(resume=False)
+        snaps["raw"] = copy.deepcopy(tr.model.state_dict())
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(snaps, cache)
+    return snaps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--per-class", type=int, default=200)
+    ap.add_argument("--guides", default="cfg,ema2,ema4,ema8,raw", help="comma-separated: cfg, emaN (after epoch N), raw")
+    ap.add_argument("--guidance", default="1,2", help="comma-separated w")
+    ap.add_argument("--intervals", default="0-1;0-0.5", help="semicolon-separated guidance intervals LO-HI")
+    ap.add_argument("--cache", default="bench/.cache/autoguidance_snapshots.pt")
+    args = ap.parse_args()
+    cfg = load_config("params.yaml")
+    spec = DATASETS[cfg.data.source]
+    info = {"channels": spec.channels, "size": spec.size, "class_names": list(spec.class_names)}
+    guides = args.guides.split(",")
+    intervals = [parse_interval(iv, "--intervals") for iv in args.intervals.split(";")]
+    snaps = snapshots(cfg, info, Path(args.cache))
+    final = f"ema{cfg.train.epochs}"
+    for g in guides:
+        if g != "cfg" and g not in snaps:
+            sys.exit(f"--guides: unknown guide {g!r}; choose cfg, raw or ema1..ema{cfg.train.epochs}")
+
+    def network(key: str):
+        model, diffusion = build_model(cfg, info)
+        model.load_state_dict(snaps[key])
+        return model.eval(), diffusion
+
+    good, diffusion = network(final)
+    judge = get_judge()
+    labels = class_labels(len(spec.class_names), args.per_class)
+    s = cfg.sample
+    rows = []
+    for g in guides:
+        model = good if g == "cfg" else AutoGuided(good, network(g)[0], diffusion.null_class)
+        for w in (float(v) for v in args.guidance.split(",")):
+            for iv in intervals:
+                t0 = time.perf_counter()
+                images = draw(model, diffusion, labels, s.sampler, s.steps, s.eta, w, cfg.seed + 10,
+                              (spec.channels, spec.size, spec.size), s.batch_size, progress=False, interval=iv)
+                q = quality(to_uint8(images), labels, judge)
+                rows.append({"guide": g, "guidance": w, "interval": f"{iv[0]:g}-{iv[1]:g}", "images": len(labels),
+                             "accuracy": q["accuracy"], "worst_digit_accuracy": q["worst_digit_accuracy"], "fd": q["fd"],
+                             "fd_real_vs_real": q["fd_real_vs_real"], "s_per_1000_digits": 1000 * (time.perf_counter() - t0) / len(labels)})
+                print(rows[-1], file=sys.stderr, flush=True)
+    print(f"Machine: {machine()}\nCommand: `python bench/autoguidance.py --per-class {args.per_class} --guides {args.guides} "
+          f"--guidance {args.guidance} --intervals '{args.intervals}'` (good model: the default run's final EMA, "
+          f"{cfg.train.epochs} epochs; {s.sampler} {s.steps} steps)\n")
+    print(md_table(rows))
+
+
+if __name__ == "__main__":
+    main()
