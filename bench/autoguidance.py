@@ -1,12 +1,15 @@
 """Autoguidance (Karras et al. 2024) with earlier snapshots of the same run as the guiding model.
 
     python bench/autoguidance.py [--per-class 200] [--guides cfg,ema2,ema4,ema8,raw] [--guidance 1,2] [--intervals '0-1;0-0.5']
+    python bench/autoguidance.py --good avg16 --guides cfg --guidance 1.5,2 --intervals 0-0.5   # a post-hoc EMA
 
 Autoguidance replaces classifier-free guidance's unconditional output by the conditional output of a
 weaker model of the same task: out = good + w (good - guide), both conditioned on the class. The
 paper's guide is a smaller, shorter-trained network; the one free here is an earlier EMA snapshot of
 the default run itself (``emaN``: after epoch N) or its final raw, un-averaged weights (``raw``).
-``cfg`` is the product's classifier-free guidance, for comparison.
+``cfg`` is the product's classifier-free guidance, for comparison. ``--good`` picks the model that is
+sampled: the final EMA (default), any ``emaN``, ``raw``, or ``avgN``, the mean of the EMA snapshots
+after epochs N to the last (a post-hoc average over a longer window than the EMA's own).
 
 Trains the default params.yaml recipe once (deterministic: the same weights as ``dvc repro``), keeping
 the EMA at every epoch (cached in ``--cache``), then draws ``per_class`` digits per class with
@@ -73,6 +76,7 @@ def main() -> None:
     ap.add_argument("--guides", default="cfg,ema2,ema4,ema8,raw", help="comma-separated: cfg, emaN (after epoch N), raw")
     ap.add_argument("--guidance", default="1,2", help="comma-separated w")
     ap.add_argument("--intervals", default="0-1;0-0.5", help="semicolon-separated guidance intervals LO-HI")
+    ap.add_argument("--good", default="", help="the sampled model: emaN, raw or avgN (default: the final EMA)")
     ap.add_argument("--cache", default="bench/.cache/autoguidance_snapshots.pt")
     args = ap.parse_args()
     cfg = load_config("params.yaml")
@@ -81,17 +85,25 @@ def main() -> None:
     guides = args.guides.split(",")
     intervals = [parse_interval(iv, "--intervals") for iv in args.intervals.split(";")]
     snaps = snapshots(cfg, info, Path(args.cache))
-    final = f"ema{cfg.train.epochs}"
-    for g in guides:
-        if g != "cfg" and g not in snaps:
-            sys.exit(f"--guides: unknown guide {g!r}; choose cfg, raw or ema1..ema{cfg.train.epochs}")
+    last = cfg.train.epochs
+    good_key = args.good or f"ema{last}"
+    for flag, key in [("--good", good_key), *(("--guides", g) for g in guides if g != "cfg")]:
+        if key not in snaps and not (flag == "--good" and key.startswith("avg") and f"ema{key[3:]}" in snaps):
+            sys.exit(f"{flag}: unknown model {key!r}; choose raw, ema1..ema{last}" + (f" or avg1..avg{last}" if flag == "--good" else " or cfg"))
+
+    def weights(key: str) -> dict:
+        if not key.startswith("avg"):
+            return snaps[key]
+        window = [snaps[f"ema{e}"] for e in range(int(key[3:]), last + 1)]
+        return {k: sum(sd[k].double() for sd in window).div(len(window)).to(v.dtype) if v.is_floating_point() else v
+                for k, v in window[-1].items()}
 
     def network(key: str):
         model, diffusion = build_model(cfg, info)
-        model.load_state_dict(snaps[key])
+        model.load_state_dict(weights(key))
         return model.eval(), diffusion
 
-    good, diffusion = network(final)
+    good, diffusion = network(good_key)
     judge = get_judge()
     labels = class_labels(len(spec.class_names), args.per_class)
     s = cfg.sample
@@ -104,13 +116,14 @@ def main() -> None:
                 images = draw(model, diffusion, labels, s.sampler, s.steps, s.eta, w, cfg.seed + 10,
                               (spec.channels, spec.size, spec.size), s.batch_size, progress=False, interval=iv)
                 q = quality(to_uint8(images), labels, judge)
-                rows.append({"guide": g, "guidance": w, "interval": f"{iv[0]:g}-{iv[1]:g}", "images": len(labels),
+                rows.append({"model": good_key, "guide": g, "guidance": w, "interval": f"{iv[0]:g}-{iv[1]:g}", "images": len(labels),
                              "accuracy": q["accuracy"], "worst_digit_accuracy": q["worst_digit_accuracy"], "fd": q["fd"],
                              "fd_real_vs_real": q["fd_real_vs_real"], "s_per_1000_digits": 1000 * (time.perf_counter() - t0) / len(labels)})
                 print(rows[-1], file=sys.stderr, flush=True)
-    print(f"Machine: {machine()}\nCommand: `python bench/autoguidance.py --per-class {args.per_class} --guides {args.guides} "
-          f"--guidance {args.guidance} --intervals '{args.intervals}'` (good model: the default run's final EMA, "
-          f"{cfg.train.epochs} epochs; {s.sampler} {s.steps} steps)\n")
+    good_flag = f" --good {args.good}" if args.good else ""
+    print(f"Machine: {machine()}\nCommand: `python bench/autoguidance.py --per-class {args.per_class}{good_flag} --guides {args.guides} "
+          f"--guidance {args.guidance} --intervals '{args.intervals}'` (sampled model: {good_key} of the default run, "
+          f"{last} epochs; {s.sampler} {s.steps} steps)\n")
     print(md_table(rows))
 
 
