@@ -48,10 +48,10 @@ class AutoGuided(torch.nn.Module):
         self.good, self.guide, self.null_class = good, guide, null_class
 
     def forward(self, x, t, y):
-        n = len(x) // 2
-        if len(x) % 2 == 0 and n and bool((y[n:] == self.null_class).all()) and torch.equal(x[:n], x[n:]):
-            return torch.cat([self.good(x[:n], t[:n], y[:n]), self.guide(x[:n], t[:n], y[:n])])
-        return self.good(x, t, y)  # an unguided step: the conditional model alone
+        if not bool((y == self.null_class).any()):
+            return self.good(x, t, y)  # an unguided step: the conditional model alone
+        n = len(x) // 2  # guided_output's layout: [x; x] with labels [y; null]
+        return torch.cat([self.good(x[:n], t[:n], y[:n]), self.guide(x[:n], t[:n], y[:n])])
 
 
 def snapshots(cfg, info: dict, cache: Path) -> dict[str, dict]:
@@ -61,8 +61,8 @@ def snapshots(cfg, info: dict, cache: Path) -> dict[str, dict]:
     splits = build_splits(cfg.data.source, cfg.data.root, cfg.seed, cfg.data.val_fraction, cfg.data.test_fraction)
     snaps: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as out:
-        tr = Trainer(cfg, splits["train"], splits["val"], info, out, progress=False)
-        tr.on_epoch = lambda epoch, rec, grid: snaps.__setitem__(f"ema{epoch}", copy.deepcopy(tr.ema.module.state_dict()))
+        tr = Trainer(cfg, splits["train"], splits["val"], info, out, progress=False,
+                     on_epoch=lambda epoch, rec, grid: snaps.__setitem__(f"ema{epoch}", copy.deepcopy(tr.ema.module.state_dict())))
         tr.fit(resume=False)
         snaps["raw"] = copy.deepcopy(tr.model.state_dict())
     cache.parent.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ from bench.mnist_judge import digit_accuracies, get_judge, quality  # noqa: E402
 from diffusion_core.checkpoint import load_model  # noqa: E402
 from diffusion_core.config import load_config  # noqa: E402
 from diffusion_core.data import to_uint8  # noqa: E402
-from diffusion_core.samplers import class_labels  # noqa: E402
+from diffusion_core.samplers import class_labels, sampler_spec  # noqa: E402
 from stages.sample import draw  # noqa: E402
 
 
@@ -48,14 +48,16 @@ def main() -> None:
     args = ap.parse_args()
     cfg = load_config(args.params)
     model, diffusion, _, info, meta = load_model(args.model)
-    judge = get_judge()
     shape = (info["channels"], info["size"], info["size"])
     w = cfg.sample.guidance_scale
     full = tuple(cfg.sample.guidance_interval)
     intervals = [parse_interval(iv, "--intervals") for iv in args.intervals.split(";")] if args.intervals else [full]
     eta = cfg.sample.eta if args.eta is None else args.eta
     if args.guidance:
-        name, steps = (args.sampler.split(":")[0], int(args.sampler.split(":")[1])) if args.sampler else (cfg.sample.sampler, cfg.sample.steps)
+        try:
+            name, steps = sampler_spec(args.sampler, diffusion.timesteps) if args.sampler else (cfg.sample.sampler, cfg.sample.steps)
+        except ValueError as exc:
+            raise SystemExit(f"--sampler {exc}") from None
         runs = [(name, steps, args.per_class, float(g), iv)
                 for g in args.guidance.split(",") for iv in intervals]
     else:
@@ -63,6 +65,7 @@ def main() -> None:
         for n in map(int, args.steps.split(",")):
             runs += [("ddim", n, args.per_class, w, full), ("dpm++2m", n, args.per_class, w, full)]
     seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [cfg.seed + 10]
+    judge = get_judge()  # after the flags are checked: it may train the CNN first
     rows, pooled = [], []
     for sampler, steps, per_class, guidance, interval in runs:
         iv = f"{interval[0]:g}-{interval[1]:g}"

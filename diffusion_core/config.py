@@ -236,16 +236,17 @@ def validate(cfg: Config) -> Config:
     """Range and cross-field checks. Raises :class:`ConfigError` naming the key."""
     # Imported here: these modules import config themselves.
     from diffusion_core.data import DATASETS
-    from diffusion_core.samplers import SAMPLERS
+    from diffusion_core.samplers import SAMPLERS, sampler_spec
 
     w = cfg.sweep
     _check(w.per_class > 0, f"sweep.per_class must be > 0, got {w.per_class}")
     for i, g in enumerate(w.guidance_scales):
         _check(g >= 0, f"sweep.guidance_scales[{i}] must be >= 0, got {g}")
     for i, entry in enumerate(w.samplers):
-        name, _, steps = entry.partition(":")
-        _check(name in SAMPLERS and steps.isdigit() and 1 <= int(steps) <= cfg.diffusion.timesteps,
-               f"sweep.samplers[{i}] must be 'SAMPLER:STEPS' with SAMPLER in {sorted(SAMPLERS)} and 1 <= STEPS <= diffusion.timesteps, got {entry!r}")
+        try:
+            sampler_spec(entry, cfg.diffusion.timesteps)
+        except ValueError as exc:
+            raise ConfigError(f"sweep.samplers[{i}] {exc}") from None
     d, m, df, t, s, c = cfg.data, cfg.model, cfg.diffusion, cfg.train, cfg.sample, cfg.clip
     _check(d.source in DATASETS, f"data.source must be one of {sorted(DATASETS)}, got {d.source!r}")
     _check(0 < d.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")

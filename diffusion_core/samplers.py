@@ -143,6 +143,14 @@ class DPMSolverPP2MScheduler(Scheduler):
 SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm++2m": DPMSolverPP2MScheduler}
 
 
+def sampler_spec(entry: str, timesteps: int) -> tuple[str, int]:
+    """'SAMPLER:STEPS' (e.g. ``dpm++2m:20``) -> (name, steps); ValueError saying what is wrong otherwise."""
+    name, _, steps = entry.partition(":")
+    if name not in SAMPLERS or not steps.isdigit() or not 1 <= int(steps) <= timesteps:
+        raise ValueError(f"must be 'SAMPLER:STEPS' with SAMPLER in {sorted(SAMPLERS)} and 1 <= STEPS <= diffusion.timesteps, got {entry!r}")
+    return name, int(steps)
+
+
 def make_scheduler(name: str, diffusion: GaussianDiffusion, steps: int | None = None, eta: float = 0.0) -> Scheduler:
     """``ddpm`` always visits all T timesteps; ``ddim`` and ``dpm++2m`` visit ``steps`` of them."""
     if name not in SAMPLERS:

@@ -21,7 +21,7 @@ from diffusion_core.clip_eval import frechet_distance, judge_images, text_embedd
 from diffusion_core.clip_judge import load_judge
 from diffusion_core.config import load_config
 from diffusion_core.data import dataset_prompts, load_split
-from diffusion_core.samplers import class_labels
+from diffusion_core.samplers import class_labels, sampler_spec
 from diffusion_core.trainer import resolve_device
 from stages._common import one_line_errors, read_json
 from stages.evaluate import take_per_class
@@ -52,7 +52,7 @@ def main(
     real_emb, _, _ = judge_images(judge, real_images, real_labels, text, cfg.clip.batch_size)
     labels = class_labels(len(names), w.per_class)
     runs = [("guidance", s.sampler, s.steps, g) for g in w.guidance_scales]
-    runs += [("sampler", e.split(":")[0], int(e.split(":")[1]), s.guidance_scale) for e in w.samplers]
+    runs += [("sampler", *sampler_spec(e, cfg.diffusion.timesteps), s.guidance_scale) for e in w.samplers]
     rows = []
     for kind, sampler, steps, g in runs:
         t0 = time.perf_counter()
