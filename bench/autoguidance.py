@@ -84,12 +84,14 @@ def main() -> None:
     info = {"channels": spec.channels, "size": spec.size, "class_names": list(spec.class_names)}
     guides = args.guides.split(",")
     intervals = [parse_interval(iv, "--intervals") for iv in args.intervals.split(";")]
-    snaps = snapshots(cfg, info, Path(args.cache))
     last = cfg.train.epochs
     good_key = args.good or f"ema{last}"
-    for flag, key in [("--good", good_key), *(("--guides", g) for g in guides if g != "cfg")]:
-        if key not in snaps and not (flag == "--good" and key.startswith("avg") and f"ema{key[3:]}" in snaps):
+    models = {"raw", *(f"ema{e}" for e in range(1, last + 1))}  # the snapshots a run of `last` epochs keeps
+    for flag, key, extra in [("--good", good_key, {f"avg{e}" for e in range(1, last + 1)}),
+                             *(("--guides", g, {"cfg"}) for g in guides)]:
+        if key not in models | extra:  # checked before the training that snapshots() may start
             sys.exit(f"{flag}: unknown model {key!r}; choose raw, ema1..ema{last}" + (f" or avg1..avg{last}" if flag == "--good" else " or cfg"))
+    snaps = snapshots(cfg, info, Path(args.cache))
 
     def weights(key: str) -> dict:
         if not key.startswith("avg"):
