@@ -11,8 +11,8 @@ the default run itself (``emaN``: after epoch N) or its final raw, un-averaged w
 sampled: the final EMA (default), any ``emaN``, ``raw``, or ``avgN``, the mean of the EMA snapshots
 after epochs N to the last (a post-hoc average over a longer window than the EMA's own).
 
-Trains the default params.yaml recipe once (deterministic: the same weights as ``dvc repro``), keeping
-the EMA at every epoch (cached in ``--cache``), then draws ``per_class`` digits per class with
+Trains the ``--params`` recipe (default params.yaml) once (deterministic: the same weights as
+``dvc repro``), keeping the EMA at every epoch (cached in ``--cache`` with the recipe it belongs to), then draws ``per_class`` digits per class with
 params.yaml's sampler for every guide, w and interval, judged by the MNIST CNN of bench/mnist_judge.py.
 """
 
@@ -56,8 +56,12 @@ class AutoGuided(torch.nn.Module):
 
 def snapshots(cfg, info: dict, cache: Path) -> dict[str, dict]:
     """{"emaN": EMA state after epoch N, "raw": final raw weights}; trained once, then read from ``cache``."""
+    recipe = {k: v for k, v in cfg.flat().items() if k.split(".")[0] in ("seed", "data", "model", "diffusion", "train")}
     if cache.exists():
-        return torch.load(cache, weights_only=True)
+        cached = torch.load(cache, weights_only=True)
+        if cached.get("recipe") == recipe:
+            return cached["snapshots"]
+        print(f"{cache} holds another recipe's snapshots: training this one", file=sys.stderr)
     splits = build_splits(cfg.data.source, cfg.data.root, cfg.seed, cfg.data.val_fraction, cfg.data.test_fraction)
     snaps: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as out:
@@ -66,7 +70,7 @@ def snapshots(cfg, info: dict, cache: Path) -> dict[str, dict]:
         tr.fit(resume=False)
         snaps["raw"] = copy.deepcopy(tr.model.state_dict())
     cache.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(snaps, cache)
+    torch.save({"recipe": recipe, "snapshots": snaps}, cache)
     return snaps
 
 
@@ -78,8 +82,9 @@ def main() -> None:
     ap.add_argument("--intervals", default="0-1;0-0.5", help="semicolon-separated guidance intervals LO-HI")
     ap.add_argument("--good", default="", help="the sampled model: emaN, raw or avgN (default: the final EMA)")
     ap.add_argument("--cache", default="bench/.cache/autoguidance_snapshots.pt")
+    ap.add_argument("--params", default="params.yaml", help="the recipe to train and sample (section 7e: diffusion.t_sampling uniform)")
     args = ap.parse_args()
-    cfg = load_config("params.yaml")
+    cfg = load_config(args.params)
     spec = DATASETS[cfg.data.source]
     info = {"channels": spec.channels, "size": spec.size, "class_names": list(spec.class_names)}
     guides = args.guides.split(",")
@@ -123,9 +128,10 @@ def main() -> None:
                              "fd_real_vs_real": q["fd_real_vs_real"], "s_per_1000_digits": 1000 * (time.perf_counter() - t0) / len(labels)})
                 print(rows[-1], file=sys.stderr, flush=True)
     good_flag = f" --good {args.good}" if args.good else ""
-    print(f"Machine: {machine()}\nCommand: `python bench/autoguidance.py --per-class {args.per_class}{good_flag} --guides {args.guides} "
-          f"--guidance {args.guidance} --intervals '{args.intervals}'` (sampled model: {good_key} of the default run, "
-          f"{last} epochs; {s.sampler} {s.steps} steps)\n")
+    params_flag = f" --params {args.params}" if args.params != "params.yaml" else ""
+    print(f"Machine: {machine()}\nCommand: `python bench/autoguidance.py --per-class {args.per_class}{good_flag}{params_flag} --guides {args.guides} "
+          f"--guidance {args.guidance} --intervals '{args.intervals}'` (sampled model: {good_key} of the {args.params} run, "
+          f"{last} epochs, t sampling {cfg.diffusion.t_sampling}; {s.sampler} {s.steps} steps)\n")
     print(md_table(rows))
 
 
