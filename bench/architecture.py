@@ -47,7 +47,10 @@ def one(name: str, overrides: dict, epochs: int, per_class: int, judge, guidance
     """
     cfg = load_config("params.yaml", {"train.epochs": epochs, **overrides})
     spec = DATASETS[cfg.data.source]
-    splits = build_splits(cfg.data.source, cfg.data.root, cfg.seed, cfg.data.val_fraction, cfg.data.test_fraction)
+    # params.yaml's split whatever the variant: an overridden ``seed`` changes only the run's
+    # randomness (initial weights, batch order, training noise, the sampling noise)
+    split_seed = load_config("params.yaml").seed
+    splits = build_splits(cfg.data.source, cfg.data.root, split_seed, cfg.data.val_fraction, cfg.data.test_fraction)
     info = {"channels": spec.channels, "size": spec.size, "class_names": list(spec.class_names)}
     with tempfile.TemporaryDirectory() as out:
         tr = Trainer(cfg, splits["train"], splits["val"], info, out, progress=False)

@@ -1,4 +1,4 @@
-"""Quality per step of training recipes: loss weighting, prediction target, schedule, EMA, lr.
+"""Quality per step of training recipes (target, t sampling, weighting, schedule, EMA, lr, seeds).
 
     python bench/recipe.py [--epochs 20] [--per-class 50] [--guidance 1,1.5,2] [--interval 0-1] [--variants eps,v,v + min-snr-5]
 
@@ -23,9 +23,12 @@ from bench.common import machine, md_table, parse_interval  # noqa: E402
 from bench.mnist_judge import get_judge  # noqa: E402
 from diffusion_core.config import load_config  # noqa: E402
 
-# name -> dotted params.yaml overrides. Each sets its prediction target, so a row means the same
-# whatever params.yaml's default is (eps was the default until v won here).
-EPS, V = {"diffusion.prediction": "eps"}, {"diffusion.prediction": "v"}
+# name -> dotted params.yaml overrides. Each sets its prediction target and how training draws t,
+# so a row means the same whatever params.yaml's default is (eps was the default until v won here,
+# uniform t until logit-normal t won, section 7f).
+U = {"diffusion.t_sampling": "uniform"}
+EPS, V = {"diffusion.prediction": "eps", **U}, {"diffusion.prediction": "v", **U}
+LN = {"diffusion.t_sampling": "logit_normal", "diffusion.t_logit_mean": 0.0, "diffusion.t_logit_std": 1.0}
 VARIANTS = {
     "eps": EPS,
     "eps + min-snr-5": {**EPS, "diffusion.loss_weighting": "min_snr"},
@@ -48,7 +51,18 @@ VARIANTS = {
     "v + batch 16 + 20 epochs": {**V, "train.batch_size": 16, "train.epochs": 20},
     "v + batch 64": {**V, "train.batch_size": 64},
     "v + batch 64 + lr 0.003": {**V, "train.batch_size": 64, "train.lr": 0.003},
+    # how training draws t (diffusion.t_sampling): the same objective with less variance, or another weighting
+    "v + stratified t": {**V, "diffusion.t_sampling": "stratified"},
+    "v + logit-normal t": {**V, **LN},
+    "v + logit-normal t mean -1": {**V, **LN, "diffusion.t_logit_mean": -1.0},
+    "v + logit-normal t mean 0.5": {**V, **LN, "diffusion.t_logit_mean": 0.5},
+    "v + logit-normal t + 30 epochs": {**V, **LN, "train.epochs": 30},
 }
+# The same recipes with other seeds (another initialisation, batch order, training and sampling
+# noise; the same data split): how much of a difference between two rows is chance.
+for _name in ("v", "v + logit-normal t"):
+    for _seed in (1, 2):
+        VARIANTS[f"{_name} + seed {_seed}"] = {**VARIANTS[_name], "seed": _seed}
 
 
 def main() -> None:

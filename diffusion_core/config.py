@@ -28,6 +28,9 @@ class ConfigError(ValueError):
     """A bad value in the configuration; the message names the key."""
 
 
+T_SAMPLINGS = ("uniform", "stratified", "logit_normal")  # diffusion.t_sampling (GaussianDiffusion)
+
+
 # ---------------------------------------------------------------------------------------------
 # The groups
 # ---------------------------------------------------------------------------------------------
@@ -65,6 +68,9 @@ class DiffusionConfig:
     prediction: str = "v"  # v | eps
     loss_weighting: str = "none"  # none | min_snr
     min_snr_gamma: float = 5.0
+    t_sampling: str = "logit_normal"  # uniform | stratified | logit_normal: how training draws t
+    t_logit_mean: float = 0.0  # logit_normal: t/T = sigmoid(N(mean, std))
+    t_logit_std: float = 1.0
 
 
 @dataclass
@@ -93,11 +99,11 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    per_class: int = 100
+    per_class: int = 200
     sampler: str = "dpm++2m"  # ddpm | ddim | dpm++2m
     steps: int = 10  # ignored by ddpm, which always takes diffusion.timesteps steps
     eta: float = 0.0  # DDIM stochasticity (0 = deterministic DDIM, 1 ~ DDPM)
-    guidance_scale: float = 2.0  # w in eps = eps_c + w (eps_c - eps_u); 0 = purely conditional
+    guidance_scale: float = 1.25  # w in eps = eps_c + w (eps_c - eps_u); 0 = purely conditional
     # [lo, hi]: guide only where lo <= t / (T - 1) <= hi (Kynkaanniemi et al. 2024); [0, 1] = every step
     guidance_interval: list[float] = field(default_factory=lambda: [0.0, 0.5])
     batch_size: int = 250
@@ -296,6 +302,8 @@ def validate(cfg: Config) -> Config:
     _check(df.prediction in ("eps", "v"), f"diffusion.prediction must be 'eps' or 'v', got {df.prediction!r}")
     _check(df.loss_weighting in ("none", "min_snr"), f"diffusion.loss_weighting must be 'none' or 'min_snr', got {df.loss_weighting!r}")
     _check(df.min_snr_gamma > 0, f"diffusion.min_snr_gamma must be > 0, got {df.min_snr_gamma}")
+    _check(df.t_sampling in T_SAMPLINGS, f"diffusion.t_sampling must be one of {list(T_SAMPLINGS)}, got {df.t_sampling!r}")
+    _check(df.t_logit_std > 0, f"diffusion.t_logit_std must be > 0, got {df.t_logit_std}")
 
     _check(t.epochs > 0, f"train.epochs must be > 0, got {t.epochs}")
     _check(t.batch_size > 0, f"train.batch_size must be > 0, got {t.batch_size}")

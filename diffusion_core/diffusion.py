@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffusion_core.config import T_SAMPLINGS
 from diffusion_core.schedule import make_betas
 
 
@@ -35,12 +36,18 @@ class GaussianDiffusion(nn.Module):
         loss_weighting: str = "none",
         min_snr_gamma: float = 5.0,
         num_classes: int = 10,
+        t_sampling: str = "uniform",
+        t_logit_mean: float = 0.0,
+        t_logit_std: float = 1.0,
     ) -> None:
         super().__init__()
         if prediction not in ("eps", "v"):
             raise ValueError(f"diffusion.prediction must be 'eps' or 'v', got {prediction!r}")
         if loss_weighting not in ("none", "min_snr"):
             raise ValueError(f"diffusion.loss_weighting must be 'none' or 'min_snr', got {loss_weighting!r}")
+        if t_sampling not in T_SAMPLINGS:
+            raise ValueError(f"diffusion.t_sampling must be one of {list(T_SAMPLINGS)}, got {t_sampling!r}")
+        self.t_sampling, self.t_logit_mean, self.t_logit_std = t_sampling, t_logit_mean, t_logit_std
         self.timesteps = timesteps
         self.prediction = prediction
         self.loss_weighting = loss_weighting
@@ -70,6 +77,9 @@ class GaussianDiffusion(nn.Module):
             loss_weighting=cfg.loss_weighting,
             min_snr_gamma=cfg.min_snr_gamma,
             num_classes=num_classes,
+            t_sampling=cfg.t_sampling,
+            t_logit_mean=cfg.t_logit_mean,
+            t_logit_std=cfg.t_logit_std,
         )
 
     # -- forward process ------------------------------------------------------------------------
@@ -109,6 +119,28 @@ class GaussianDiffusion(nn.Module):
         clipped = snr.clamp(max=self.min_snr_gamma)
         return clipped / snr if self.prediction == "eps" else clipped / (snr + 1)
 
+    def sample_timesteps(self, b: int, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The training timesteps of a batch of ``b``, by ``t_sampling``:
+
+        * ``uniform``: t ~ U{0..T-1} independently (Ho et al. 2020);
+        * ``stratified``: one u ~ U[0, 1) per batch, t_i = floor(T * ((u + i / b) mod 1)), so every
+          batch covers the noise levels evenly (the low-discrepancy sampler of Kingma et al. 2021,
+          "Variational Diffusion Models"): the same expected loss, with less variance between batches;
+        * ``logit_normal``: t / T = sigmoid(n), n ~ N(t_logit_mean, t_logit_std), which
+          concentrates training on middle noise levels (Esser et al. 2024); a negative mean moves
+          it towards the cleaner end. This changes the objective's weighting over t, not only its variance.
+        """
+        T = self.timesteps
+        if self.t_sampling == "uniform":
+            return torch.randint(0, T, (b,), device=device, generator=generator)
+        if self.t_sampling == "stratified":
+            u = torch.rand(1, device=device, generator=generator)
+            frac = (u + torch.arange(b, device=device) / b) % 1.0
+        else:
+            n = torch.randn(b, device=device, generator=generator) * self.t_logit_std + self.t_logit_mean
+            frac = torch.sigmoid(n)
+        return (frac * T).long().clamp_(0, T - 1)
+
     def per_sample_loss(
         self,
         model: nn.Module,
@@ -131,7 +163,7 @@ class GaussianDiffusion(nn.Module):
         generator: torch.Generator | None = None,
         shard: tuple[int, int] = (0, 1),
     ) -> torch.Tensor:
-        """One training loss: t ~ U{0..T-1}, eps ~ N(0, I), || target - model(x_t, t, y) ||^2.
+        """One training loss: t (see :meth:`sample_timesteps`), eps ~ N(0, I), || target - model(x_t, t, y) ||^2.
 
         With probability ``cond_drop_prob`` a label is replaced by the null class, so one network
         learns both eps(x_t, t, y) and eps(x_t, t) for classifier-free guidance.
@@ -144,7 +176,7 @@ class GaussianDiffusion(nn.Module):
         """
         rank, world = shard
         b = x0.shape[0] * world
-        t = torch.randint(0, self.timesteps, (b,), device=x0.device, generator=generator)[rank::world]
+        t = self.sample_timesteps(b, x0.device, generator)[rank::world]
         eps = torch.randn((b, *x0.shape[1:]), device=x0.device, generator=generator, dtype=x0.dtype)[rank::world]
         if cond_drop_prob > 0:
             drop = torch.rand(b, device=x0.device, generator=generator)[rank::world] < cond_drop_prob

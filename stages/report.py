@@ -207,6 +207,13 @@ def main(
         hardest_bin = by_t.iloc[int(by_t["val_loss"].idxmax())]
         weighting = (f" Each sample's loss is weighted by min-SNR-γ (γ = {mcfg.diffusion.min_snr_gamma:g}) in training; "
                      "the validation loss is the unweighted error." if mcfg.diffusion.loss_weighting == "min_snr" else "")
+        df = mcfg.diffusion
+        if df.t_sampling == "logit_normal":
+            weighting += (f" Training draws its timesteps with t/T = sigmoid(n), n ~ N({df.t_logit_mean:g}, {df.t_logit_std:g}²), "
+                          "so most steps go to the middle noise levels and the training loss is their average; the validation "
+                          "loss draws t uniformly, so the two curves are on different scales.")
+        elif df.t_sampling == "stratified":
+            weighting += " Training draws one timestep in each of as many equal slices of [0, T) as the batch has images."
         what = (
             f"The loss is the mean squared error between the velocity v = √ᾱ_t ε − √(1−ᾱ_t) x_0 of a training {item} "
             "(ε the noise that was added to it) and the network's prediction of v from x_t, at a random timestep. "

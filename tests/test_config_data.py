@@ -28,6 +28,8 @@ from diffusion_core.data import DataError, build_splits, load_split, save_splits
         ({"model": {"channel_mult": "1,2"}}, "model.channel_mult must be a list"),
         ({"diffusion": {"schedule": "quadratic"}}, "diffusion.schedule must be"),
         ({"diffusion": {"prediction": "x0"}}, "diffusion.prediction must be"),
+        ({"diffusion": {"t_sampling": "lognormal"}}, "diffusion.t_sampling must be one of"),
+        ({"diffusion": {"t_logit_std": 0}}, "diffusion.t_logit_std must be > 0"),
         ({"train": {"device": "tpu"}}, "train.device must be"),
         ({"seed": 1.5}, "seed must be an integer"),
         ({"train": {"ema_decay": 1.0}}, "train.ema_decay must be in [0, 1)"),

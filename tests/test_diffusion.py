@@ -204,6 +204,30 @@ def test_guidance_interval_guides_only_the_chosen_timesteps():
     assert not torch.equal(half, full) and not torch.equal(half, run(0.0, (0.0, 1.0)))
 
 
+def test_timestep_sampling():
+    T, b, cpu = 1000, 40, torch.device("cpu")
+    uniform = GaussianDiffusion(timesteps=T)
+    # the default draws exactly what torch.randint draws, so runs made before the option reproduce
+    assert torch.equal(uniform.sample_timesteps(b, cpu, torch.Generator().manual_seed(3)),
+                       torch.randint(0, T, (b,), generator=torch.Generator().manual_seed(3)))
+    strat = GaussianDiffusion(timesteps=T, t_sampling="stratified")
+    g = torch.Generator().manual_seed(0)
+    batches = [strat.sample_timesteps(b, cpu, g) for _ in range(50)]
+    for t in batches:  # every batch has one t in each of b equal bins of [0, T)
+        assert torch.equal(torch.sort(t // (T // b)).values, torch.arange(b))
+    assert len({int(t[0]) for t in batches}) > 40  # the offset is random, not a fixed grid
+    means = {}
+    for mean in (0.0, -1.0):
+        d = GaussianDiffusion(timesteps=T, t_sampling="logit_normal", t_logit_mean=mean, t_logit_std=1.0)
+        t = d.sample_timesteps(20_000, cpu, torch.Generator().manual_seed(1))
+        assert t.min() >= 0 and t.max() <= T - 1
+        means[mean] = t.float().median().item() / T
+    assert means[0.0] == pytest.approx(0.5, abs=0.02)  # median sigmoid(mean)
+    assert means[-1.0] == pytest.approx(1 / (1 + math.e), abs=0.02)
+    with pytest.raises(ValueError, match="t_sampling"):
+        GaussianDiffusion(t_sampling="beta")
+
+
 @pytest.mark.parametrize("prediction,weighting", [("eps", "none"), ("eps", "min_snr"), ("v", "min_snr")])
 def test_training_loss_and_min_snr_weights(prediction, weighting):
     d = GaussianDiffusion(timesteps=100, prediction=prediction, loss_weighting=weighting, min_snr_gamma=5.0)
