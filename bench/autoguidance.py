@@ -34,6 +34,7 @@ from diffusion_core.checkpoint import build_model  # noqa: E402
 from diffusion_core.config import load_config  # noqa: E402
 from diffusion_core.data import DATASETS, build_splits, to_uint8  # noqa: E402
 from diffusion_core.samplers import class_labels  # noqa: E402
+from diffusion_core.tracking import stage_params  # noqa: E402
 from diffusion_core.trainer import Trainer  # noqa: E402
 from stages.sample import draw  # noqa: E402
 
@@ -56,7 +57,8 @@ class AutoGuided(torch.nn.Module):
 
 def snapshots(cfg, info: dict, cache: Path) -> dict[str, dict]:
     """{"emaN": EMA state after epoch N, "raw": final raw weights}; trained once, then read from ``cache``."""
-    recipe = {k: v for k, v in cfg.flat().items() if k.split(".")[0] in ("seed", "data", "model", "diffusion", "train")}
+    flat = cfg.flat()
+    recipe = {**stage_params(flat, "prepare"), **stage_params(flat, "train")}  # what the train stage depends on
     if cache.exists():
         cached = torch.load(cache, weights_only=True)
         if cached.get("recipe") == recipe:

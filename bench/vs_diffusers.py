@@ -59,6 +59,10 @@ def diffusers_unet(widths: tuple[int, ...], cfg):
     )
 
 
+# The one noise schedule both models train and sample on: diffusers' scheduler arguments, and ours from them.
+SCHEDULE = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02}
+
+
 def diffusers_model(cfg, target_params: int):
     """diffusers' standard full-resolution layout (28 -> 14 -> 7, widths w, 2w, 2w, attention in the
     lowest level and the middle block) with w chosen so its size is closest to ``target_params``.
@@ -97,7 +101,7 @@ def train_for(model, add_noise, x, y, cfg, budget_s: float, seed: int, max_steps
         idx = torch.randint(0, len(y), (tc.batch_size,), generator=g)
         x0, yb = x[idx], y[idx].clone()
         yb[torch.rand(len(yb), generator=g) < tc.cond_drop_prob] = 10
-        t = torch.randint(0, 1000, (len(yb),), generator=g)
+        t = torch.randint(0, SCHEDULE["num_train_timesteps"], (len(yb),), generator=g)
         eps = torch.randn(x0.shape, generator=g)
         loss = F.mse_loss(model(add_noise(x0, eps, t), t, yb), eps)
         opt.zero_grad()
@@ -114,8 +118,7 @@ def train_for(model, add_noise, x, y, cfg, budget_s: float, seed: int, max_steps
 def sample_diffusers(model, labels, w, steps, seed):
     from diffusers import DDIMScheduler
 
-    sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
-                          timestep_spacing="trailing", clip_sample=True)
+    sched = DDIMScheduler(**SCHEDULE, timestep_spacing="trailing", clip_sample=True)
     sched.set_timesteps(steps)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn((len(labels), 1, 28, 28), generator=g)
@@ -142,9 +145,10 @@ def main() -> None:
     judge = get_judge()
     splits = build_splits("mnist-5k", seed=cfg.seed)
     x, y = to_model_range(splits["train"]["images"]), splits["train"]["labels"]
-    # the loop below trains both networks to predict eps with uniform t, on diffusers' schedule
-    ours_diff = GaussianDiffusion(timesteps=1000, schedule="linear", beta_start=1e-4, beta_end=0.02, prediction="eps")
-    ddpm = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+    # the loop below trains both networks to predict eps with uniform t, on SCHEDULE
+    ours_diff = GaussianDiffusion(timesteps=SCHEDULE["num_train_timesteps"], schedule=SCHEDULE["beta_schedule"],
+                                  beta_start=SCHEDULE["beta_start"], beta_end=SCHEDULE["beta_end"], prediction="eps")
+    ddpm = DDPMScheduler(**SCHEDULE)
     labels = class_labels(10, args.per_class)
     w = args.guidance
     rows, trained = [], {}
