@@ -30,12 +30,13 @@ from diffusion_core.trainer import Trainer  # noqa: E402
 from diffusion_core.unet import count_parameters  # noqa: E402
 from stages.sample import draw  # noqa: E402
 
-# name -> model overrides (on top of params.yaml's model group)
+# name -> model overrides (on top of params.yaml's model group; all of them add the embedding
+# linearly, as every block did when these rows were measured)
 VARIANTS = {
-    "p1-w16 (28->14->7)": {"patch_size": 1, "base_channels": 16, "channel_mult": [1, 2, 2], "attention_resolutions": [7]},
-    "p2-w32 (14->7)": {"patch_size": 2, "base_channels": 32, "channel_mult": [1, 1], "attention_resolutions": [7]},
-    "p2-w24x2 (14->7)": {"patch_size": 2, "base_channels": 24, "channel_mult": [1, 2], "attention_resolutions": [7]},
-    "p2-w32 mid-attn (14->7)": {"patch_size": 2, "base_channels": 32, "channel_mult": [1, 1], "attention_resolutions": []},
+    "p1-w16 (28->14->7)": {"patch_size": 1, "base_channels": 16, "channel_mult": [1, 2, 2], "attention_resolutions": [7], "conditioning": "add"},
+    "p2-w32 (14->7)": {"patch_size": 2, "base_channels": 32, "channel_mult": [1, 1], "attention_resolutions": [7], "conditioning": "add"},
+    "p2-w24x2 (14->7)": {"patch_size": 2, "base_channels": 24, "channel_mult": [1, 2], "attention_resolutions": [7], "conditioning": "add"},
+    "p2-w32 mid-attn (14->7)": {"patch_size": 2, "base_channels": 32, "channel_mult": [1, 1], "attention_resolutions": [], "conditioning": "add"},
 }
 
 

@@ -26,7 +26,8 @@ from diffusion_core.config import load_config  # noqa: E402
 # name -> dotted params.yaml overrides. Each sets its prediction target and how training draws t,
 # so a row means the same whatever params.yaml's default is (eps was the default until v won here,
 # uniform t until logit-normal t won, section 7f).
-U = {"diffusion.t_sampling": "uniform"}
+# The same holds for how the blocks take the embedding (model.conditioning: "add" until 7g).
+U = {"diffusion.t_sampling": "uniform", "model.conditioning": "add"}
 EPS, V = {"diffusion.prediction": "eps", **U}, {"diffusion.prediction": "v", **U}
 LN = {"diffusion.t_sampling": "logit_normal", "diffusion.t_logit_mean": 0.0, "diffusion.t_logit_std": 1.0}
 VARIANTS = {
@@ -57,10 +58,16 @@ VARIANTS = {
     "v + logit-normal t mean -1": {**V, **LN, "diffusion.t_logit_mean": -1.0},
     "v + logit-normal t mean 0.5": {**V, **LN, "diffusion.t_logit_mean": 0.5},
     "v + logit-normal t + 30 epochs": {**V, **LN, "train.epochs": 30},
+    # how each residual block takes the time + class embedding (model.conditioning)
+    "v + logit-normal t + silu add": {**V, **LN, "model.conditioning": "silu_add"},
+    "v + logit-normal t + scale-shift": {**V, **LN, "model.conditioning": "scale_shift"},
+    "v + logit-normal t + scale-shift + adam beta2 0.99": {**V, **LN, "model.conditioning": "scale_shift", "train.adam_beta2": 0.99},
+    "v + logit-normal t + scale-shift + 30 epochs": {**V, **LN, "model.conditioning": "scale_shift", "train.epochs": 30},
 }
 # The same recipes with other seeds (another initialisation, batch order, training and sampling
 # noise; the same data split): how much of a difference between two rows is chance.
-for _name in ("v", "v + logit-normal t"):
+for _name in ("v", "v + logit-normal t", "v + logit-normal t + silu add", "v + logit-normal t + scale-shift",
+              "v + logit-normal t + scale-shift + adam beta2 0.99"):
     for _seed in (1, 2):
         VARIANTS[f"{_name} + seed {_seed}"] = {**VARIANTS[_name], "seed": _seed}
 

@@ -1,7 +1,8 @@
 """Training throughput and peak memory against batch size and model width (CPU, or CUDA if present).
 
     python bench/scaling.py                 # the table
-    python bench/scaling.py --levers [--repeats 3]   # speed levers at the default model: memory format, fused AdamW, bf16, compile, ...
+    python bench/scaling.py --levers [--repeats 3] [--only conditioning,bf16]   # speed levers at the default model:
+                                            # memory format, fused AdamW, bf16, compile, block conditioning, ...
     python bench/scaling.py --dataset cifar10   # 3x32x32 at the default width, batch 32 (random data)
 
 Each row runs in its own process (so peak memory is that row's): 3 warm-up steps, then the median
@@ -126,7 +127,13 @@ def main() -> None:
             ("1 thread", {"threads": 1}),
             ("torch.compile", {"train": {"compile": True}}),
             ("shape: patch 1, width 16, 28->14->7 (full resolution, NCHW, foreach)", {**full_res, "train": {"memory_format": "contiguous"}, "foreach_adamw": True}),
+            ("conditioning add (linear, before 7g)", {"model": {"conditioning": "add"}}),
+            ("conditioning silu_add", {"model": {"conditioning": "silu_add"}}),
+            ("conditioning scale_shift", {"model": {"conditioning": "scale_shift"}}),
         ]
+        if "--only" in sys.argv:  # comma-separated substrings of variant names; params.yaml's row always runs
+            wanted = [w.strip() for w in sys.argv[sys.argv.index("--only") + 1].split(",") if w.strip()]
+            variants = variants[:1] + [v for v in variants[1:] if any(w in v[0] for w in wanted)]
         # Rounds over all variants, so the machine's slow spells hit every variant alike; the table
         # gives each variant's median over the rounds and the range of its images/s.
         runs: dict[str, list[dict]] = {name: [] for name, _ in variants}
@@ -141,6 +148,8 @@ def main() -> None:
             rows.append({"variant": name, "params": runs[name][0]["params"], **{k: round(v, 2) for k, v in med.items()},
                          "images_per_s_range": f"{min(ips):.0f}-{max(ips):.0f}", "vs_default": round(med["images_per_s"] / ref, 2)})
         cmd = f"python bench/scaling.py --levers --repeats {repeats}"
+        if "--only" in sys.argv:
+            cmd += f" --only '{sys.argv[sys.argv.index('--only') + 1]}'"
     else:
         for width in (8, 16, 32):
             for batch in (16, 32, 64, 128):

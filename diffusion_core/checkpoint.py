@@ -81,8 +81,12 @@ def load_file(path: str | Path, kind: str) -> dict[str, Any]:
 
 
 def config_of(obj: dict[str, Any], path: str | Path) -> Config:
+    raw = obj["config"]
+    if isinstance(raw, dict) and isinstance(raw.get("model"), dict) and "conditioning" not in raw["model"]:
+        # written before model.conditioning existed: its blocks added the embedding linearly
+        raw = {**raw, "model": {**raw["model"], "conditioning": "add"}}
     try:
-        return config_from_dict(obj["config"])
+        return config_from_dict(raw)
     except ConfigError as exc:
         raise CheckpointError(f"{path}: its stored config is invalid ({exc})") from None
 

@@ -29,6 +29,7 @@ class ConfigError(ValueError):
 
 
 T_SAMPLINGS = ("uniform", "stratified", "logit_normal")  # diffusion.t_sampling (GaussianDiffusion)
+CONDITIONINGS = ("add", "silu_add", "scale_shift")  # model.conditioning (unet.ResBlock)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,6 +58,7 @@ class ModelConfig:
     dropout: float = 0.0
     norm_groups: int = 8
     patch_size: int = 2  # p > 1: fold p x p pixel patches into channels, U-Net runs at size / p
+    conditioning: str = "add"  # add | silu_add | scale_shift: how each residual block takes the time + class embedding
 
 
 @dataclass
@@ -79,6 +81,7 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 2e-3
     weight_decay: float = 0.0
+    adam_beta2: float = 0.999  # AdamW's second-moment decay (beta1 stays 0.9)
     warmup_steps: int = 100
     lr_schedule: str = "cosine"  # cosine | constant (after warmup)
     grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
@@ -278,6 +281,7 @@ def validate(cfg: Config) -> Config:
         _check(ch % m.num_heads == 0, f"model.num_heads ({m.num_heads}) must divide width {ch}")
     image_size = DATASETS[d.source].size
     _check(m.patch_size > 0, f"model.patch_size must be > 0, got {m.patch_size}")
+    _check(m.conditioning in CONDITIONINGS, f"model.conditioning must be one of {list(CONDITIONINGS)}, got {m.conditioning!r}")
     _check(
         image_size % m.patch_size == 0,
         f"model.patch_size ({m.patch_size}) must divide the image size {image_size}",
@@ -313,6 +317,7 @@ def validate(cfg: Config) -> Config:
     _check(t.lr_schedule in ("cosine", "constant"), f"train.lr_schedule must be 'cosine' or 'constant', got {t.lr_schedule!r}")
     _check(t.grad_clip >= 0, f"train.grad_clip must be >= 0, got {t.grad_clip}")
     _check(0 <= t.ema_decay < 1, f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+    _check(0 < t.adam_beta2 < 1, f"train.adam_beta2 must be in (0, 1), got {t.adam_beta2}")
     _check(0 <= t.cond_drop_prob < 1, f"train.cond_drop_prob must be in [0, 1), got {t.cond_drop_prob}")
     _check(t.checkpoint_every > 0, f"train.checkpoint_every must be > 0, got {t.checkpoint_every}")
     _check(t.grid_sampler in SAMPLERS, f"train.grid_sampler must be one of {sorted(SAMPLERS)}, got {t.grid_sampler!r}")

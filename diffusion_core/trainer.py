@@ -273,7 +273,7 @@ class Trainer:
         if self.tc.compile:
             self.net = torch.compile(self.net)
         self.ema = AveragedModel(self.model, multi_avg_fn=ema_warmup_multi_avg_fn(self.tc.ema_decay), use_buffers=True)
-        self.optimizer = adamw(list(self.model.parameters()), self.tc.lr, self.tc.weight_decay)
+        self.optimizer = adamw(list(self.model.parameters()), self.tc.lr, self.tc.weight_decay, self.tc.adam_beta2)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(self.tc.warmup_steps, self.total_steps, self.tc.lr_schedule)
         )

@@ -1,8 +1,9 @@
 """The noise-prediction network eps_theta(x_t, t, y): a class-conditional U-Net.
 
 * sinusoidal time embedding -> MLP, plus a learned class embedding with one extra "null" class
-  (index ``num_classes``) for classifier-free guidance; their sum is projected and added to the
-  feature maps of every residual block;
+  (index ``num_classes``) for classifier-free guidance; every residual block takes their sum
+  through SiLU and a projection to a per-channel scale and shift of its normalised feature maps
+  (``conditioning="scale_shift"``, ADM's scale-shift norm), or added to them (``silu_add``, ``add``);
 * an encoder of residual blocks and stride-2 downsampling, a middle block, and a decoder that
   concatenates the encoder's feature maps (skip connections) before each of its residual blocks;
 * multi-head self-attention in the middle block (lowest resolution) and in the encoder and
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffusion_core.config import unet_resolutions
+from diffusion_core.config import CONDITIONINGS, unet_resolutions
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -41,11 +42,23 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0)
 
 
 class ResBlock(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, groups: int, dropout: float) -> None:
+    """GroupNorm-SiLU-conv twice, with the time + class embedding brought in between the two.
+
+    ``conditioning`` says how: ``add`` projects the embedding linearly and adds it to the feature
+    maps (each block then sees a class offset that is the same at every t); ``silu_add`` applies SiLU
+    first (DDPM's and diffusers' blocks), so time and class combine non-linearly; ``scale_shift``
+    applies SiLU and projects to a per-channel scale and shift of the second GroupNorm's output,
+    h = norm(h) (1 + scale) + shift (ADM's ``use_scale_shift_norm``, diffusers' "scale_shift").
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, groups: int, dropout: float, conditioning: str = "add") -> None:
         super().__init__()
+        if conditioning not in CONDITIONINGS:
+            raise ValueError(f"model.conditioning must be one of {list(CONDITIONINGS)}, got {conditioning!r}")
+        self.conditioning = conditioning
         self.norm1 = nn.GroupNorm(groups, in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.emb = nn.Linear(emb_dim, out_ch)
+        self.emb = nn.Linear(emb_dim, 2 * out_ch if conditioning == "scale_shift" else out_ch)
         self.norm2 = nn.GroupNorm(groups, out_ch)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
@@ -55,8 +68,14 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.emb(emb)[:, :, None, None]  # time + class conditioning on every block
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        if self.conditioning == "add":
+            h = self.norm2(h + self.emb(emb)[:, :, None, None])  # time + class conditioning on every block
+        elif self.conditioning == "silu_add":
+            h = self.norm2(h + self.emb(F.silu(emb))[:, :, None, None])
+        else:
+            scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
+            h = torch.addcmul(shift, self.norm2(h), 1 + scale)
+        h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
 
@@ -92,6 +111,7 @@ class UNet(nn.Module):
         dropout: float = 0.0,
         norm_groups: int = 8,
         patch_size: int = 1,
+        conditioning: str = "add",
     ) -> None:
         super().__init__()
         if image_size % patch_size:
@@ -125,7 +145,7 @@ class UNet(nn.Module):
         ch = base_channels
         for level, (res, width) in enumerate(zip(resolutions, widths)):
             for _ in range(num_res_blocks):
-                block = nn.ModuleList([ResBlock(ch, width, emb_dim, norm_groups, dropout)])
+                block = nn.ModuleList([ResBlock(ch, width, emb_dim, norm_groups, dropout, conditioning)])
                 if res in attn:
                     block.append(SelfAttention(width, num_heads, norm_groups))
                 self.down.append(block)
@@ -135,15 +155,15 @@ class UNet(nn.Module):
                 self.down.append(nn.ModuleList([nn.Conv2d(ch, ch, 3, stride=2, padding=1)]))
                 skip_chs.append(ch)
 
-        self.mid1 = ResBlock(ch, ch, emb_dim, norm_groups, dropout)
+        self.mid1 = ResBlock(ch, ch, emb_dim, norm_groups, dropout, conditioning)
         self.mid_attn = SelfAttention(ch, num_heads, norm_groups)  # always: the middle block sees the whole image
-        self.mid2 = ResBlock(ch, ch, emb_dim, norm_groups, dropout)
+        self.mid2 = ResBlock(ch, ch, emb_dim, norm_groups, dropout, conditioning)
 
         self.up = nn.ModuleList()
         for level in reversed(range(len(widths))):
             res, width = resolutions[level], widths[level]
             for _ in range(num_res_blocks + 1):
-                block = nn.ModuleList([ResBlock(ch + skip_chs.pop(), width, emb_dim, norm_groups, dropout)])
+                block = nn.ModuleList([ResBlock(ch + skip_chs.pop(), width, emb_dim, norm_groups, dropout, conditioning)])
                 if res in attn:
                     block.append(SelfAttention(width, num_heads, norm_groups))
                 self.up.append(block)
@@ -181,6 +201,7 @@ class UNet(nn.Module):
             dropout=cfg.dropout,
             norm_groups=cfg.norm_groups,
             patch_size=cfg.patch_size,
+            conditioning=cfg.conditioning,
         )
 
     def embed(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

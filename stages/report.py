@@ -24,6 +24,13 @@ from stages._common import one_line_errors, read_json
 
 app = typer.Typer(add_completion=False)
 
+# how a residual block takes the time + class embedding (model.conditioning), for section 4
+CONDITIONING_TEXT = {
+    "add": "through a linear projection added to its feature maps",
+    "silu_add": "through SiLU and a linear projection added to its feature maps",
+    "scale_shift": "through SiLU and a linear projection to a per-channel scale and shift of its normalised feature "
+    "maps, h = GroupNorm(h)(1 + scale) + shift (ADM's scale-shift norm)",
+}
 RUN_COLUMNS = {
     "tags.dvc_exp_name": "dvc exp",
     "params.data.source": "data",
@@ -192,7 +199,7 @@ def main(
         add(
             f"The network {'v_θ' if v_pred else 'ε_θ'}(x_t, t, y) built from `params.yaml` (`model` group): {count_parameters(model):,} parameters. "
             f"Sinusoidal time embeddings and a learned class embedding ({len(names)} classes + 1 null class for guidance) "
-            f"are summed and added to the feature maps of every residual block; decoder blocks concatenate the encoder's "
+            f"are summed, and every residual block takes the sum {CONDITIONING_TEXT[mcfg.model.conditioning]}; decoder blocks concatenate the encoder's "
             f"feature maps (skip connections); self-attention sits in the middle block ({model.resolutions[-1]}x{model.resolutions[-1]})"
             + (f" and in the blocks at {mcfg.model.attention_resolutions}" if mcfg.model.attention_resolutions else "")
             + ".\n"

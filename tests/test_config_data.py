@@ -25,6 +25,7 @@ from diffusion_core.data import DataError, build_splits, load_split, save_splits
         ({"model": {"channel_mult": [1, 2, 2, 2]}}, "cannot be halved 3 times"),
         ({"model": {"patch_size": 3}}, "model.patch_size (3) must divide the image size 28"),
         ({"model": {"patch_size": 0}}, "model.patch_size must be > 0"),
+        ({"model": {"conditioning": "film"}}, "model.conditioning must be one of ['add', 'silu_add', 'scale_shift'], got 'film'"),
         ({"model": {"channel_mult": "1,2"}}, "model.channel_mult must be a list"),
         ({"diffusion": {"schedule": "quadratic"}}, "diffusion.schedule must be"),
         ({"diffusion": {"prediction": "x0"}}, "diffusion.prediction must be"),
@@ -33,6 +34,7 @@ from diffusion_core.data import DataError, build_splits, load_split, save_splits
         ({"train": {"device": "tpu"}}, "train.device must be"),
         ({"seed": 1.5}, "seed must be an integer"),
         ({"train": {"ema_decay": 1.0}}, "train.ema_decay must be in [0, 1)"),
+        ({"train": {"adam_beta2": 1.0}}, "train.adam_beta2 must be in (0, 1), got 1.0"),
     ],
 )
 def test_bad_config_names_the_key(raw, message):

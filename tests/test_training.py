@@ -119,3 +119,39 @@ def test_a_checkpoint_from_other_settings_or_code_is_not_resumed(mnist5k, tmp_pa
     obj["code"] = "0" * 16
     torch.save(obj, tmp_path / "checkpoint.pt")
     assert "other training code" in tr.resume_mismatch()
+
+
+@pytest.mark.parametrize("conditioning", ["add", "silu_add"])
+def test_model_files_from_before_model_conditioning_load_as_add(tmp_path, conditioning):
+    """A model file written before ``model.conditioning`` existed has no such key: its blocks added
+    the embedding linearly, and it loads that way whatever today's default is. Files that name their
+    conditioning load with it (silu_add has the same weight shapes, so only the key tells them apart)."""
+    from diffusion_core.checkpoint import build_model, save_model
+
+    cfg = tiny_config(model={"conditioning": conditioning})
+    model, _ = build_model(cfg, INFO)
+    torch.manual_seed(0)
+    for p in model.parameters():
+        p.data.normal_(0, 0.1)
+    save_model(tmp_path / "model.pt", model.state_dict(), cfg, INFO, {"steps": 1})
+    obj = torch.load(tmp_path / "model.pt", weights_only=True)
+    loaded, _, cfg2, _, _ = load_model(tmp_path / "model.pt")
+    assert cfg2.model.conditioning == conditioning and loaded.mid1.conditioning == conditioning
+    del obj["config"]["model"]["conditioning"]  # as the older code wrote it
+    torch.save(obj, tmp_path / "old.pt")
+    old, _, cfg_old, _, _ = load_model(tmp_path / "old.pt")
+    assert cfg_old.model.conditioning == "add" and old.mid1.conditioning == "add"
+    x, t, y = torch.randn(2, 1, 28, 28), torch.tensor([3, 70]), torch.tensor([1, 10])
+    with torch.no_grad():
+        same = torch.allclose(old(x, t, y), loaded(x, t, y))
+    assert same == (conditioning == "add")
+
+
+def test_adam_beta2_reaches_the_optimizer_and_a_change_starts_over(mnist5k, tmp_path):
+    train, val = small(mnist5k)
+    tr = Trainer(tiny_config(train={"adam_beta2": 0.99, "checkpoint_every": 1}), train, val, INFO, tmp_path, progress=False)
+    assert tr.optimizer.param_groups[0]["betas"] == (0.9, 0.99)
+    tr.fit(resume=False, stop_after=2)
+    other = Trainer(tiny_config(), train, val, INFO, tmp_path, progress=False)
+    assert other.optimizer.param_groups[0]["betas"] == (0.9, 0.999)
+    assert "train.adam_beta2" in other.resume_mismatch()

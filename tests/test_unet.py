@@ -93,3 +93,58 @@ def test_memory_format_auto_is_channels_last_for_float32_on_cpu_only():
     assert not use_channels_last("auto", cuda, torch.bfloat16)
     assert use_channels_last("channels_last", cuda, torch.bfloat16)
     assert not use_channels_last("contiguous", cpu, None)
+
+
+def _block_offset(block, emb):
+    """What a ResBlock's conditioning does to its normalised feature maps, for zero features."""
+    h = torch.zeros(emb.shape[0], block.conv1.out_channels, 2, 2)
+    if block.conditioning == "scale_shift":
+        scale, shift = block.emb(torch.nn.functional.silu(emb))[:, :, None, None].chunk(2, dim=1)
+        return torch.cat([scale, shift], 1)[:, :, 0, 0]
+    act = torch.nn.functional.silu(emb) if block.conditioning == "silu_add" else emb
+    return (h + block.emb(act)[:, :, None, None])[:, :, 0, 0]
+
+
+@pytest.mark.parametrize("conditioning", ["add", "silu_add", "scale_shift"])
+def test_conditioning_modes_build_and_only_add_keeps_class_and_time_apart(conditioning):
+    """``add`` feeds each block a linear image of time_mlp(t) + class_emb(y), so the class moves
+    every block by the same offset at every t; with SiLU first (``silu_add``, ``scale_shift``) the
+    class's effect depends on t."""
+    torch.manual_seed(0)
+    model = UNet(base_channels=8, channel_mult=(1, 1), attention_resolutions=(), num_heads=2, norm_groups=4,
+                 patch_size=2, conditioning=conditioning)
+    for p in model.parameters():
+        p.data.normal_(0, 0.3)
+    block = model.mid1
+    assert block.emb.out_features == (16 if conditioning == "scale_shift" else 8)
+    x = torch.randn(2, 1, 28, 28)
+    out = model(x, torch.tensor([5, 900]), torch.tensor([3, 10]))
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    t = torch.tensor([50, 50, 900, 900])
+    y = torch.tensor([3, 7, 3, 7])
+    off = _block_offset(block, model.embed(t, y))
+    class_effect_early, class_effect_late = off[0] - off[1], off[2] - off[3]
+    assert class_effect_early.abs().max() > 1e-3
+    if conditioning == "add":
+        torch.testing.assert_close(class_effect_early, class_effect_late)
+    else:
+        assert (class_effect_early - class_effect_late).abs().max() > 1e-3
+
+
+def test_scale_shift_scales_the_normalised_features():
+    """scale_shift: h = norm(h) * (1 + scale) + shift with (scale, shift) from the embedding."""
+    torch.manual_seed(0)
+    from diffusion_core.unet import ResBlock
+
+    block = ResBlock(8, 8, 16, 4, 0.0, "scale_shift")
+    x, emb = torch.randn(2, 8, 5, 5), torch.randn(2, 16)
+    seen = []
+    block.conv2.register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    block(x, emb)
+    scale, shift = block.emb(torch.nn.functional.silu(emb)).chunk(2, dim=1)
+    h = block.norm2(block.conv1(torch.nn.functional.silu(block.norm1(x))))
+    expected = torch.nn.functional.silu(h * (1 + scale[:, :, None, None]) + shift[:, :, None, None])
+    torch.testing.assert_close(seen[0], expected)
+    with pytest.raises(ValueError, match="model.conditioning"):
+        ResBlock(8, 8, 16, 4, 0.0, "film")
+
