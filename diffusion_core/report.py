@@ -67,21 +67,34 @@ def forward_strip(x0: torch.Tensor, diffusion, timesteps: list[int], path: Path,
     return _save(fig, path)
 
 
-def reverse_strips(traj: dict, class_names: list[str], which: str, path: Path) -> Path:
+def mosaic(cells: np.ndarray, pad: int = 2) -> np.ndarray:
+    """cells [R, K, C, H, W] in [-1, 1] -> one [R(H+pad)-pad, K(W+pad)-pad(, 3)] image in [0, 1],
+    white between the cells: drawn with one imshow, it saves in a fraction of the time of R x K axes."""
+    r_n, k_n, c, h, w = cells.shape
+    img = np.ones((c, r_n * (h + pad) - pad, k_n * (w + pad) - pad), dtype=np.float32)
+    for r in range(r_n):
+        for k in range(k_n):
+            img[:, r * (h + pad) : r * (h + pad) + h, k * (w + pad) : k * (w + pad) + w] = np.clip((cells[r, k] + 1) / 2, 0, 1)
+    return img[0] if c == 1 else img.transpose(1, 2, 0)
+
+
+def reverse_strips(traj: dict, class_names: list[str], which: str, path: Path, pad: int = 2) -> Path:
     """One row per class (its first recorded image), one column per recorded point."""
     fr, labels, imgs = traj["fraction"], traj["labels"], traj[which]
     rows = [int(np.flatnonzero(labels == c)[0]) for c in range(len(class_names)) if (labels == c).any()]
-    fig, axes = plt.subplots(len(rows), len(fr), figsize=(1.0 * len(fr), 1.0 * len(rows)), squeeze=False)
-    for r, b in enumerate(rows):
-        for p in range(len(fr)):
-            ax = axes[r][p]
-            _show(ax, imgs[p, b].astype(np.float32))
-            if r == 0:
-                ax.set_title(f"{fr[p]:.0%}", fontsize=8)
-            if p == 0:
-                ax.set_ylabel(class_names[int(labels[b])], fontsize=8)
+    cells = np.stack([imgs[:, b] for b in rows]).astype(np.float32)  # [rows, points, C, H, W]
+    h, w = cells.shape[-2:]
+    fig, ax = plt.subplots(figsize=(1.0 * len(fr), 1.0 * len(rows)))
+    ax.imshow(mosaic(cells, pad), cmap="gray", vmin=0, vmax=1)
+    ax.set_xticks([p * (w + pad) + w / 2 for p in range(len(fr))], [f"{f:.0%}" for f in fr], fontsize=8)
+    ax.set_yticks([r * (h + pad) + h / 2 for r in range(len(rows))], [class_names[int(labels[b])] for b in rows], fontsize=8)
+    ax.xaxis.tick_top()
+    ax.tick_params(length=0)
+    ax.grid(False)
+    for side in ax.spines.values():
+        side.set_visible(False)
     label = "state x_t" if which == "x_t" else "predicted clean image x̂_0"
-    fig.suptitle(f"Reverse diffusion, {label}, by share of sampler steps done", fontsize=10)
+    ax.set_title(f"Reverse diffusion, {label}, by share of sampler steps done", fontsize=10, pad=18)
     return _save(fig, path)
 
 

@@ -148,3 +148,18 @@ def test_scale_shift_scales_the_normalised_features():
     with pytest.raises(ValueError, match="model.conditioning"):
         ResBlock(8, 8, 16, 4, 0.0, "film")
 
+
+@pytest.mark.parametrize("n,nrow,channels", [(40, 4, 1), (7, 3, 1), (2, 8, 3), (1, 1, 1)])
+def test_make_grid_lays_out_images_as_torchvision_does(n, nrow, channels):
+    """diffusion_core.images.make_grid avoids importing torchvision (2 s per stage); its grids are
+    torchvision's, pixel for pixel (torchvision repeats a single channel three times)."""
+    from torchvision.utils import make_grid as tv_make_grid
+
+    from diffusion_core.images import grid_image, make_grid
+
+    images = torch.randint(0, 255, (n, channels, 5, 6), dtype=torch.uint8)
+    ours = make_grid(images, nrow=nrow, padding=2, pad_value=255)
+    theirs = tv_make_grid(images, nrow=nrow, padding=2, pad_value=255)
+    assert torch.equal(ours, theirs[:channels])
+    img = grid_image(images, nrow)
+    assert img.size == (theirs.shape[2], theirs.shape[1]) and img.mode == ("L" if channels == 1 else "RGB")
