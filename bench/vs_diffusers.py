@@ -10,7 +10,8 @@ the same wall-clock budget, in the same process, one after the other:
 * ours: diffusion_core's U-Net (params.yaml `model` group) with GaussianDiffusion;
 * diffusers: a class-conditional ``UNet2DModel`` of similar parameter count in diffusers' standard
   full-resolution layout (28 -> 14 -> 7, attention in its lowest level and middle block; the widths
-  giving the closest parameter count), noised with ``DDPMScheduler.add_noise``; once as shipped
+  giving the closest parameter count; its resnets take the embedding as scale and shift when
+  ``model.conditioning`` is ``scale_shift``, as ours do), noised with ``DDPMScheduler.add_noise``; once as shipped
   (NCHW) and once converted to channels-last, the memory layout our Trainer uses on CPU.
 
 ``--budget-s`` trains each for the same wall-clock time (throughput and quality per CPU-second);
@@ -56,6 +57,8 @@ def diffusers_unet(widths: tuple[int, ...], cfg):
         up_block_types=("AttnUpBlock2D",) + ("UpBlock2D",) * (n - 1),
         norm_num_groups=cfg.model.norm_groups, num_class_embeds=11,
         attention_head_dim=widths[-1] // cfg.model.num_heads,
+        # our blocks' scale-shift norm is ADM's, which diffusers also has; its "default" is SiLU + add
+        resnet_time_scale_shift="scale_shift" if cfg.model.conditioning == "scale_shift" else "default",
     )
 
 

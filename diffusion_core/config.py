@@ -58,7 +58,7 @@ class ModelConfig:
     dropout: float = 0.0
     norm_groups: int = 8
     patch_size: int = 2  # p > 1: fold p x p pixel patches into channels, U-Net runs at size / p
-    conditioning: str = "add"  # add | silu_add | scale_shift: how each residual block takes the time + class embedding
+    conditioning: str = "scale_shift"  # add | silu_add | scale_shift: how each residual block takes the time + class embedding
 
 
 @dataclass
@@ -91,7 +91,7 @@ class TrainConfig:
     grid_sampler: str = "dpm++2m"  # sampler of the per-epoch fixed-noise grid
     grid_steps: int = 10
     grid_per_class: int = 4
-    grid_guidance: float = 1.25
+    grid_guidance: float = 1.0
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: auto/cuda = cuda:LOCAL_RANK)
     num_threads: int = 0  # torch CPU threads; 0 = torch's default
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
@@ -106,7 +106,7 @@ class SampleConfig:
     sampler: str = "dpm++2m"  # ddpm | ddim | dpm++2m
     steps: int = 10  # ignored by ddpm, which always takes diffusion.timesteps steps
     eta: float = 0.0  # DDIM stochasticity (0 = deterministic DDIM, 1 ~ DDPM)
-    guidance_scale: float = 1.25  # w in eps = eps_c + w (eps_c - eps_u); 0 = purely conditional
+    guidance_scale: float = 1.0  # w in eps = eps_c + w (eps_c - eps_u); 0 = purely conditional
     # [lo, hi]: guide only where lo <= t / (T - 1) <= hi (Kynkaanniemi et al. 2024); [0, 1] = every step
     guidance_interval: list[float] = field(default_factory=lambda: [0.0, 0.5])
     batch_size: int = 250
