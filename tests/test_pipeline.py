@@ -99,7 +99,7 @@ def test_repro_again_has_nothing_to_do(repo):
 
 def test_changing_guidance_reruns_only_sampling_and_later_and_makes_a_new_run(repo):
     dst, env, _ = repo
-    res = run(["dvc", "exp", "run", "-S", "sample.guidance_scale=1.0"], dst, env=env)
+    res = run(["dvc", "exp", "run", "-S", "sample.guidance_scale=1.5"], dst, env=env)  # the default is 1.0
     ran = [line.split("'")[1] for line in res.stdout.splitlines() if line.startswith("Running stage")]
     assert set(ran) == {"sample", "evaluate", "sweep", "report"}, res.stdout
     runs, con = mlflow_runs(dst / "mlflow.db")
@@ -107,7 +107,7 @@ def test_changing_guidance_reruns_only_sampling_and_later_and_makes_a_new_run(re
         assert len(runs) == 2
         new = runs[-1][0]
         params = dict(con.execute("select key, value from params where run_uuid=?", (new,)).fetchall())
-        assert params["sample.guidance_scale"] == "1.0" and params["train.epochs"] == "2"
+        assert params["sample.guidance_scale"] == "1.5" and params["train.epochs"] == "2"
         n_loss = con.execute("select count(*) from metrics where run_uuid=? and key='train/loss'", (new,)).fetchone()[0]
         assert n_loss == 20  # the loss curve travels with the copied run
         tags = dict(con.execute("select key, value from tags where run_uuid=?", (new,)).fetchall())
