@@ -80,11 +80,18 @@ def load_file(path: str | Path, kind: str) -> dict[str, Any]:
     return obj
 
 
+# Keys added after files were first written, with the value such a file meant by leaving them out
+# where that is not today's default (otherwise the dataclass default fills them in).
+FORMER_DEFAULTS = {("model", "conditioning"): "add"}  # the blocks added the embedding linearly
+
+
 def config_of(obj: dict[str, Any], path: str | Path) -> Config:
     raw = obj["config"]
-    if isinstance(raw, dict) and isinstance(raw.get("model"), dict) and "conditioning" not in raw["model"]:
-        # written before model.conditioning existed: its blocks added the embedding linearly
-        raw = {**raw, "model": {**raw["model"], "conditioning": "add"}}
+    if isinstance(raw, dict):
+        raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+        for (group, key), value in FORMER_DEFAULTS.items():
+            if isinstance(raw.get(group), dict):
+                raw[group].setdefault(key, value)
     try:
         return config_from_dict(raw)
     except ConfigError as exc:

@@ -66,15 +66,18 @@ class ResBlock(nn.Module):
         nn.init.zeros_(self.conv2.bias)
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
+    def project(self, emb: torch.Tensor) -> torch.Tensor:
+        """The embedding as this block uses it: [B, out_ch] to add, or [B, 2 out_ch] = (scale, shift)."""
+        return self.emb(emb if self.conditioning == "add" else F.silu(emb))
+
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        if self.conditioning == "add":
-            h = self.norm2(h + self.emb(emb)[:, :, None, None])  # time + class conditioning on every block
-        elif self.conditioning == "silu_add":
-            h = self.norm2(h + self.emb(F.silu(emb))[:, :, None, None])
-        else:
-            scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
+        e = self.project(emb)[:, :, None, None]  # time + class conditioning on every block
+        if self.conditioning == "scale_shift":
+            scale, shift = e.chunk(2, dim=1)
             h = torch.addcmul(shift, self.norm2(h), 1 + scale)
+        else:
+            h = self.norm2(h + e)
         h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 

@@ -95,16 +95,6 @@ def test_memory_format_auto_is_channels_last_for_float32_on_cpu_only():
     assert not use_channels_last("contiguous", cpu, None)
 
 
-def _block_offset(block, emb):
-    """What a ResBlock's conditioning does to its normalised feature maps, for zero features."""
-    h = torch.zeros(emb.shape[0], block.conv1.out_channels, 2, 2)
-    if block.conditioning == "scale_shift":
-        scale, shift = block.emb(torch.nn.functional.silu(emb))[:, :, None, None].chunk(2, dim=1)
-        return torch.cat([scale, shift], 1)[:, :, 0, 0]
-    act = torch.nn.functional.silu(emb) if block.conditioning == "silu_add" else emb
-    return (h + block.emb(act)[:, :, None, None])[:, :, 0, 0]
-
-
 @pytest.mark.parametrize("conditioning", ["add", "silu_add", "scale_shift"])
 def test_conditioning_modes_build_and_only_add_keeps_class_and_time_apart(conditioning):
     """``add`` feeds each block a linear image of time_mlp(t) + class_emb(y), so the class moves
@@ -122,7 +112,7 @@ def test_conditioning_modes_build_and_only_add_keeps_class_and_time_apart(condit
     assert out.shape == x.shape and torch.isfinite(out).all()
     t = torch.tensor([50, 50, 900, 900])
     y = torch.tensor([3, 7, 3, 7])
-    off = _block_offset(block, model.embed(t, y))
+    off = block.project(model.embed(t, y))  # what the block adds, or its (scale, shift)
     class_effect_early, class_effect_late = off[0] - off[1], off[2] - off[3]
     assert class_effect_early.abs().max() > 1e-3
     if conditioning == "add":
@@ -141,7 +131,7 @@ def test_scale_shift_scales_the_normalised_features():
     seen = []
     block.conv2.register_forward_hook(lambda m, i, o: seen.append(i[0]))
     block(x, emb)
-    scale, shift = block.emb(torch.nn.functional.silu(emb)).chunk(2, dim=1)
+    scale, shift = block.emb(torch.nn.functional.silu(emb)).chunk(2, dim=1)  # by hand, not block.project
     h = block.norm2(block.conv1(torch.nn.functional.silu(block.norm1(x))))
     expected = torch.nn.functional.silu(h * (1 + scale[:, :, None, None]) + shift[:, :, None, None])
     torch.testing.assert_close(seen[0], expected)
