@@ -88,10 +88,11 @@ class TrainConfig:
     ema_decay: float = 0.999  # cap of the warm-up min(decay, (1 + n) / (10 + n)); 0.999 is reached at n ~ 9k steps
     cond_drop_prob: float = 0.1  # probability of replacing the label by the null class
     checkpoint_every: int = 500  # steps between checkpoints (and one at the end of each epoch)
-    grid_sampler: str = "dpm++2m"  # sampler of the per-epoch fixed-noise grid
+    grid_sampler: str = "dpm++2m"  # sampler of the fixed-noise grids drawn during training
     grid_steps: int = 10
     grid_per_class: int = 4
     grid_guidance: float = 1.0
+    grid_every: int = 5  # draw the grid after epoch 1, every grid_every-th epoch and the last one
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: auto/cuda = cuda:LOCAL_RANK)
     num_threads: int = 0  # torch CPU threads; 0 = torch's default
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
@@ -324,6 +325,7 @@ def validate(cfg: Config) -> Config:
     _check(1 <= t.grid_steps <= df.timesteps, f"train.grid_steps must be in [1, diffusion.timesteps={df.timesteps}], got {t.grid_steps}")
     _check(t.grid_per_class > 0, f"train.grid_per_class must be > 0, got {t.grid_per_class}")
     _check(t.grid_guidance >= 0, f"train.grid_guidance must be >= 0, got {t.grid_guidance}")
+    _check(t.grid_every >= 1, f"train.grid_every must be >= 1, got {t.grid_every}")
     _check(
         t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"),
         f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}",

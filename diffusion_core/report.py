@@ -168,7 +168,7 @@ def epoch_grids(grid_paths: list[Path], path: Path, max_panels: int = 5) -> Path
         ax.imshow(Image.open(p), cmap="gray")
         ax.set_title(p.stem.replace("_", " "), fontsize=9)
         ax.axis("off")
-    fig.suptitle("Fixed-noise samples after each epoch (same noise and labels)", fontsize=10)
+    fig.suptitle("Fixed-noise samples during training (same noise and labels)", fontsize=10)
     return _save(fig, path)
 
 

@@ -209,6 +209,7 @@ class Trainer:
 
     ``on_step(step, record)`` and ``on_epoch(epoch, record, grid_path)`` are optional callbacks
     (used by the pipeline to log to MLflow); in a data-parallel run only rank 0 calls them.
+    ``grid_path`` is None after the epochs that draw no grid (:meth:`draws_grid`).
     Started by torchrun (``WORLD_SIZE`` > 1), it joins the process group; :meth:`close` leaves it.
     """
 
@@ -220,7 +221,7 @@ class Trainer:
         data_info: dict[str, Any],
         out_dir: str | Path,
         on_step: Callable[[int, dict], None] | None = None,
-        on_epoch: Callable[[int, dict, Path], None] | None = None,
+        on_epoch: Callable[[int, dict, Path | None], None] | None = None,
         progress: bool = True,
     ) -> None:
         self.cfg = cfg
@@ -537,9 +538,14 @@ class Trainer:
             dist.destroy_process_group()
         self._owns_group = False
 
+    def draws_grid(self, epoch: int) -> bool:
+        """Whether the fixed-noise grid is drawn after (1-based) ``epoch``: the first, every
+        ``train.grid_every``-th and the last."""
+        return epoch == 1 or epoch % self.tc.grid_every == 0 or epoch == self.tc.epochs
+
     def _end_epoch(self, epoch: int) -> None:
         val_loss, by_bin = self.validation_loss(self.ema.module)
-        grid = self.sample_grid(epoch + 1)
+        grid = self.sample_grid(epoch + 1) if self.draws_grid(epoch + 1) else None
         rec = {"step": self.step, "epoch": epoch + 1, "val_loss": val_loss}
         rec.update({f"val_loss_t{b}": v for b, v in enumerate(by_bin)})
         self.history.val.append(rec)

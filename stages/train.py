@@ -1,8 +1,8 @@
 """Stage 2: train the class-conditional diffusion model.
 
 Outs: ``models/model.pt`` (EMA weights + config), ``models/checkpoint.pt`` (full training state,
-persisted so a killed run resumes), ``models/grids/epoch_NNN.png`` (fixed-noise grids),
-``models/run.json`` (the MLflow run). Metrics: ``reports/metrics/train.json``. Plots:
+persisted so a killed run resumes), ``models/grids/epoch_NNN.png`` (fixed-noise grids after the
+first, every ``train.grid_every``-th and the last epoch), ``models/run.json`` (the MLflow run). Metrics: ``reports/metrics/train.json``. Plots:
 ``reports/plots/train_loss.csv`` (per step) and ``reports/plots/val_loss.csv`` (per epoch).
 
 Runs unchanged under ``torchrun --nproc_per_node=N -m stages.train`` (data parallel, see
@@ -73,10 +73,11 @@ class MlflowLogger:
     def on_step(self, step: int, rec: dict) -> None:
         self.add(step, **{"train/loss": rec["loss"], "train/lr": rec["lr"]})
 
-    def on_epoch(self, epoch: int, rec: dict, grid: Path) -> None:
+    def on_epoch(self, epoch: int, rec: dict, grid: Path | None) -> None:
         self.add(rec["step"], **{"train/val_loss": rec["val_loss"], "train/epoch": epoch})
         self.flush()
-        tracking.safe.log_artifact(str(grid), "grids")
+        if grid is not None:
+            tracking.safe.log_artifact(str(grid), "grids")
 
 
 @app.command()

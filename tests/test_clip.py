@@ -185,3 +185,55 @@ def test_digit_clip_trains_saves_and_loads_on_a_tiny_budget(mnist5k, tmp_path):
     assert load_digit_clip(tmp_path / "dc.pt")[2]["size"] == 28
     with pytest.raises(Exception, match="missing.pt"):
         load_judge("digit-clip", "cpu", tmp_path / "missing.pt")
+
+
+def test_compact_vocabulary_trains_the_used_rows_exactly_as_the_full_table(mnist5k):
+    """Training a table of the captions' tokens gives every weight the captions can reach the same
+    values as training the whole 49,408-row table; the other rows keep their initial values."""
+    from diffusion_core.clip_judge import class_prompts
+    from diffusion_core.digit_clip import CompactVocabulary, arch_config, build, caption_tokens, train_digit_clip
+
+    train = {k: v[:128] for k, v in mnist5k["train"].items()}
+    args = (train, DIGIT_NAMES, 1, 32, 2e-3, 32, 1, 16)
+    compact = train_digit_clip(*args, seed=0, progress=False)[0].state_dict()
+    full = train_digit_clip(*args, seed=0, progress=False, compact_vocabulary=False)[0].state_dict()
+    captions = [p for row in class_prompts(DIGIT_NAMES) for p in row]
+    torch.manual_seed(0)
+    init, tok, _ = build(arch_config(28, 32, 1, 16, caption_tokens(captions)))
+    used = torch.unique(tok(captions))
+    unused = torch.ones(len(full["token_embedding.weight"]), dtype=torch.bool)
+    unused[used] = False
+    assert 20 < len(used) < 100
+    assert compact.keys() == full.keys()
+    for k in full:
+        if k == "token_embedding.weight":
+            assert torch.allclose(compact[k][used], full[k][used], atol=1e-6)
+            assert not torch.equal(compact[k][used], init.token_embedding.weight[used])  # trained
+            assert torch.equal(compact[k][unused], init.token_embedding.weight[unused])  # untouched
+        else:
+            assert torch.allclose(compact[k], full[k], atol=1e-6), k
+    with pytest.raises(ValueError, match="argmax"):
+        init.text_pool_type = "eos"
+        CompactVocabulary(init, used[None])
+
+
+
+def test_the_text_context_is_the_longest_caption_and_padding_would_not_change_an_embedding():
+    from diffusion_core.clip_judge import class_prompts
+    from diffusion_core.digit_clip import arch_config, build, caption_tokens
+
+    captions = [p for row in class_prompts(DIGIT_NAMES) for p in row]
+    n = caption_tokens(captions)
+    assert n == 12  # 'a black and white photo of the number "7".' and its start / end-of-text tokens
+    assert caption_tokens(["7"]) == 3
+    torch.manual_seed(0)
+    long_model, long_tok, _ = build(arch_config(28, 32, 2, 16, 24))
+    short_model, short_tok, _ = build(arch_config(28, 32, 2, 16, n))
+    weights = long_model.state_dict()
+    weights["positional_embedding"] = weights["positional_embedding"][:n]
+    short_model.load_state_dict({k: v for k, v in weights.items() if k in short_model.state_dict()})
+    long_tokens, short_tokens = long_tok(captions), short_tok(captions)
+    assert long_tokens.shape[1] == 24 and torch.equal(long_tokens[:, :n], short_tokens) and not long_tokens[:, n:].any()
+    with torch.no_grad():
+        a, b = long_model.encode_text(long_tokens), short_model.encode_text(short_tokens)
+    assert torch.allclose(a, b, atol=1e-5)

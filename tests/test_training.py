@@ -60,6 +60,20 @@ def test_a_few_hundred_steps_lower_the_validation_loss(mnist5k, tmp_path):
     assert res.val_loss_by_timestep[0] > res.val_loss_by_timestep[-1]
 
 
+def test_grids_are_drawn_after_the_first_every_nth_and_the_last_epoch(mnist5k, tmp_path):
+    cfg = tiny_config(train={"epochs": 5, "grid_every": 2})
+    train, val = small(mnist5k, n_train=32)  # 2 steps per epoch
+    seen = []
+    tr = Trainer(cfg, train, val, INFO, tmp_path, progress=False, on_epoch=lambda e, rec, grid: seen.append((e, grid)))
+    tr.fit(resume=False)
+    assert [(e, g.name if g else None) for e, g in seen] == [
+        (1, "epoch_001.png"), (2, "epoch_002.png"), (3, None), (4, "epoch_004.png"), (5, "epoch_005.png")]
+    assert sorted(p.name for p in (tmp_path / "grids").iterdir()) == ["epoch_001.png", "epoch_002.png", "epoch_004.png", "epoch_005.png"]
+    assert len(tr.history.val) == 5  # the validation loss is still measured after every epoch
+    with pytest.raises(Exception, match="train.grid_every must be >= 1, got 0"):
+        tiny_config(train={"grid_every": 0})
+
+
 def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(mnist5k, tmp_path):
     cfg = tiny_config(train={"epochs": 2, "checkpoint_every": 2})
     train, val = small(mnist5k)
