@@ -68,6 +68,13 @@ def test_repro_produces_every_out_and_one_mlflow_run(repo):
     with np.load(dst / "samples/samples.npz") as f:
         assert f["images"].dtype == np.uint8 and f["images"].shape == (40, 28, 28)
         assert f["labels"].dtype == np.int64 and f["labels"].tolist() == sorted(f["labels"].tolist())
+    import pandas as pd
+
+    sweep = pd.read_csv(dst / "sweep/results.csv")
+    assert len(sweep) == 5 and sweep["images"].eq(20).all()
+    both = sweep[(sweep["sampler"] == "dpm++2m") & (sweep["steps"] == 5) & (sweep["guidance_scale"] == 1.0)]
+    assert both["sweep"].tolist() == ["guidance", "sampler"]  # one draw, reported in both sweeps
+    assert both.drop(columns="sweep").nunique().eq(1).all()
     runs, con = mlflow_runs(dst / "mlflow.db")
     try:
         assert len(runs) == 1
