@@ -82,7 +82,11 @@ def load_file(path: str | Path, kind: str) -> dict[str, Any]:
 
 # Keys added after files were first written, with the value such a file meant by leaving them out
 # where that is not today's default (otherwise the dataclass default fills them in).
-FORMER_DEFAULTS = {("model", "conditioning"): "add"}  # the blocks added the embedding linearly
+FORMER_DEFAULTS = {
+    ("model", "patch_size"): 1,  # the U-Net ran at full resolution
+    ("model", "conditioning"): "add",  # the blocks added the embedding linearly
+    ("diffusion", "t_sampling"): "uniform",  # training drew t uniformly
+}
 
 
 def config_of(obj: dict[str, Any], path: str | Path) -> Config:

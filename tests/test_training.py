@@ -161,6 +161,26 @@ def test_model_files_from_before_model_conditioning_load_as_add(tmp_path, condit
     assert same == (conditioning == "add")
 
 
+def test_model_files_from_before_patch_size_and_t_sampling_load_as_they_were_trained(tmp_path):
+    """Files from before ``model.patch_size`` and ``diffusion.t_sampling`` existed ran at full
+    resolution and drew t uniformly; they load so (and say so), although the defaults are now 2
+    and logit_normal."""
+    from diffusion_core.checkpoint import build_model, save_model
+
+    cfg = tiny_config(model={"patch_size": 1}, diffusion={"t_sampling": "uniform"})
+    model, _ = build_model(cfg, INFO)
+    save_model(tmp_path / "model.pt", model.state_dict(), cfg, INFO, {"steps": 1})
+    obj = torch.load(tmp_path / "model.pt", weights_only=True)
+    del obj["config"]["model"]["patch_size"], obj["config"]["diffusion"]["t_sampling"]  # as the older code wrote it
+    torch.save(obj, tmp_path / "old.pt")
+    old, _, cfg_old, _, _ = load_model(tmp_path / "old.pt")
+    assert tiny_config().model.patch_size == 2 and tiny_config().diffusion.t_sampling == "logit_normal"
+    assert cfg_old.model.patch_size == 1 and cfg_old.diffusion.t_sampling == "uniform"
+    x, t, y = torch.randn(2, 1, 28, 28), torch.tensor([3, 70]), torch.tensor([1, 10])
+    with torch.no_grad():
+        assert torch.equal(old(x, t, y), model.eval()(x, t, y))
+
+
 def test_adam_beta2_reaches_the_optimizer_and_a_change_starts_over(mnist5k, tmp_path):
     train, val = small(mnist5k)
     tr = Trainer(tiny_config(train={"adam_beta2": 0.99, "checkpoint_every": 1}), train, val, INFO, tmp_path, progress=False)
