@@ -123,7 +123,7 @@ class ClipConfig:
     batch_size: int = 256  # images per CLIP forward pass
     real_per_class: int = 100  # real held-out digits per class judged as the ceiling
     # digit-clip, the small CLIP the train_clip stage trains on the training split
-    digit_clip_epochs: int = 15
+    digit_clip_epochs: int = 20
     digit_clip_batch_size: int = 64
     digit_clip_lr: float = 2e-3
     digit_clip_width: int = 64

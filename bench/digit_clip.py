@@ -1,0 +1,66 @@
+"""Accuracy of the dataset CLIP (digit-clip, the pipeline's own judge) against its training epochs.
+
+    python bench/digit_clip.py [--epochs 15,20,25] [--seeds 0,1]
+
+Trains digit-clip as the train_clip stage does (params.yaml's clip group, on the split that the
+prepare stage makes with params.yaml's seed); ``--seeds`` sets the CLIP's initialisation and batch
+order, as the stage's ``seed`` does. Judges the real validation and test digits zero-shot, overall
+and per class: the judge's own accuracy on real digits bounds what the report can say about
+generated ones. Each row is one training, and its seconds depend on the machine at that moment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import machine, md_table  # noqa: E402
+from diffusion_core.clip_eval import cosines, text_embeddings, zero_shot  # noqa: E402
+from diffusion_core.config import load_config  # noqa: E402
+from diffusion_core.data import DATASETS, build_splits, dataset_prompts  # noqa: E402
+from diffusion_core.digit_clip import judge_from_model, train_digit_clip  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--epochs", default="15,20,25", help="comma-separated training epochs")
+    ap.add_argument("--seeds", default="0,1", help="comma-separated seeds")
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args()
+    cfg = load_config(args.params)
+    c, d = cfg.clip, cfg.data
+    splits = build_splits(d.source, d.root, cfg.seed, d.val_fraction, d.test_fraction, d.download, d.limit)
+    names, templates = dataset_prompts({"source": d.source})
+    colour = splits["train"]["images"].shape[1] == 3
+    rows = []
+    for seed in (int(s) for s in args.seeds.split(",")):
+        for epochs in (int(e) for e in args.epochs.split(",")):
+            model, tok, pre, _, seconds = train_digit_clip(
+                splits["train"], names, epochs, c.digit_clip_batch_size, c.digit_clip_lr, c.digit_clip_width,
+                c.digit_clip_layers, c.digit_clip_embed_dim, seed, templates=templates, progress=False,
+                hflip=DATASETS[d.source].hflip, pad="replicate" if colour else "constant",  # as stages/train_clip.py
+            )
+            judge = judge_from_model(model, tok, pre)
+            text = text_embeddings(judge, names, templates)
+            row = {"epochs": epochs, "seed": seed, "train_s": round(seconds, 1)}
+            for split in ("val", "test"):
+                images, labels = splits[split]["images"], splits[split]["labels"]
+                ok = zero_shot(cosines(judge.encode_images(images), text)) == labels
+                row[f"{split}_accuracy"] = float(ok.float().mean())
+                if split == "test":
+                    per_class = [float(ok[labels == k].float().mean()) for k in range(len(names))]
+                    worst = min(range(len(names)), key=per_class.__getitem__)
+                    row["worst_test_class"] = names[worst]
+                    row["worst_test_class_accuracy"] = per_class[worst]
+            rows.append(row)
+            print(row, flush=True)
+    print(machine())
+    print(f"Command: `python bench/digit_clip.py --epochs {args.epochs} --seeds {args.seeds}` ({d.source}, "
+          f"batch {c.digit_clip_batch_size}, lr {c.digit_clip_lr}, width {c.digit_clip_width}, {c.digit_clip_layers} layers)\n")
+    print(md_table(rows))
+
+
+if __name__ == "__main__":
+    main()
