@@ -56,7 +56,7 @@ def main() -> None:
                     row["worst_test_class_accuracy"] = per_class[worst]
             rows.append(row)
             print(row, flush=True)
-    print(machine())
+    print(f"Machine: {machine()}")
     print(f"Command: `python bench/digit_clip.py --epochs {args.epochs} --seeds {args.seeds}` ({d.source}, "
           f"batch {c.digit_clip_batch_size}, lr {c.digit_clip_lr}, width {c.digit_clip_width}, {c.digit_clip_layers} layers)\n")
     print(md_table(rows))
