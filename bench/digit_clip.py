@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import machine, md_table  # noqa: E402
-from diffusion_core.clip_eval import cosines, text_embeddings, zero_shot  # noqa: E402
+from diffusion_core.clip_eval import judge_images, text_embeddings  # noqa: E402
 from diffusion_core.config import load_config  # noqa: E402
 from diffusion_core.data import DATASETS, build_splits, dataset_prompts  # noqa: E402
 from diffusion_core.digit_clip import judge_from_model, train_digit_clip  # noqa: E402
@@ -33,21 +33,20 @@ def main() -> None:
     c, d = cfg.clip, cfg.data
     splits = build_splits(d.source, d.root, cfg.seed, d.val_fraction, d.test_fraction, d.download, d.limit)
     names, templates = dataset_prompts({"source": d.source})
-    colour = splits["train"]["images"].shape[1] == 3
     rows = []
     for seed in (int(s) for s in args.seeds.split(",")):
         for epochs in (int(e) for e in args.epochs.split(",")):
             model, tok, pre, _, seconds = train_digit_clip(
                 splits["train"], names, epochs, c.digit_clip_batch_size, c.digit_clip_lr, c.digit_clip_width,
                 c.digit_clip_layers, c.digit_clip_embed_dim, seed, templates=templates, progress=False,
-                hflip=DATASETS[d.source].hflip, pad="replicate" if colour else "constant",  # as stages/train_clip.py
+                hflip=DATASETS[d.source].hflip,
             )
             judge = judge_from_model(model, tok, pre)
             text = text_embeddings(judge, names, templates)
             row = {"epochs": epochs, "seed": seed, "train_s": round(seconds, 1)}
             for split in ("val", "test"):
                 images, labels = splits[split]["images"], splits[split]["labels"]
-                ok = zero_shot(cosines(judge.encode_images(images), text)) == labels
+                ok = judge_images(judge, images, labels, text, c.batch_size)[2] == labels
                 row[f"{split}_accuracy"] = float(ok.float().mean())
                 if split == "test":
                     per_class = [float(ok[labels == k].float().mean()) for k in range(len(names))]

@@ -96,7 +96,7 @@ def train_for(model, add_noise, x, y, cfg, budget_s: float, seed: int, max_steps
     tc = cfg.train
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    opt = adamw(list(model.parameters()), tc.lr, 0.0)  # the fused AdamW kernel, as our Trainer uses
+    opt = adamw(list(model.parameters()), tc.lr, 0.0, tc.adam_beta2)  # the fused AdamW kernel, as our Trainer uses
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc.warmup_steps, 10**9, "constant"))
     ema = AveragedModel(model, multi_avg_fn=ema_warmup_multi_avg_fn(tc.ema_decay))
     steps, t0 = 0, time.perf_counter()

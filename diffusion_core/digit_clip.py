@@ -83,7 +83,7 @@ class CompactVocabulary:
 
     The captions use a few dozen of the tokenizer's 49,408 tokens, but an ``nn.Embedding``'s
     backward fills a dense gradient of the whole table and AdamW then steps every row: about a
-    sixth of a training step here. Rows that no caption uses get a zero gradient, so AdamW (an
+    tenth of a training step here. Rows that no caption uses get a zero gradient, so AdamW (an
     elementwise update) only weight-decays them, which no caption can see. Training a small table
     of the used rows instead gives the used rows exactly the same updates.
 
@@ -128,12 +128,13 @@ def train_digit_clip(
     progress: bool = True,
     templates: tuple[str, ...] = DIGIT_TEMPLATES,
     hflip: bool = False,
-    pad: str = "constant",
+    pad: str | None = None,
     compact_vocabulary: bool = True,
 ):
     """Train the dataset CLIP on captions ``templates`` x ``class_names`` (the caption names).
 
-    ``hflip`` adds random horizontal flips, ``pad`` is :func:`random_shift`'s border fill.
+    ``hflip`` adds random horizontal flips, ``pad`` is :func:`random_shift`'s border fill (default:
+    ``replicate`` for colour images, photos having no black background, else ``constant``).
     ``compact_vocabulary`` trains only the token-embedding rows the captions use
     (:class:`CompactVocabulary`: the same result, a cheaper step). Returns
     (model, tokenizer, preprocess, arch, seconds).
@@ -142,6 +143,7 @@ def train_digit_clip(
     g = torch.Generator().manual_seed(seed + 5)
     x_all = to_model_range(train["images"])
     y_all = train["labels"]
+    pad = pad or ("replicate" if x_all.shape[1] == 3 else "constant")
     prompts = class_prompts(class_names, templates)
     captions = [p for row in prompts for p in row]
     arch = arch_config(x_all.shape[-1], width, layers, embed_dim, caption_tokens(captions))

@@ -2,8 +2,9 @@
 
 Outs: ``models/model.pt`` (EMA weights + config), ``models/checkpoint.pt`` (full training state,
 persisted so a killed run resumes), ``models/grids/epoch_NNN.png`` (fixed-noise grids after the
-first, every ``train.grid_every``-th and the last epoch), ``models/run.json`` (the MLflow run). Metrics: ``reports/metrics/train.json``. Plots:
-``reports/plots/train_loss.csv`` (per step) and ``reports/plots/val_loss.csv`` (per epoch).
+first, every ``train.grid_every``-th and the last epoch), ``models/run.json`` (the MLflow run).
+Metrics: ``reports/metrics/train.json``. Plots: ``reports/plots/train_loss.csv`` (per step) and
+``reports/plots/val_loss.csv`` (per epoch).
 
 Runs unchanged under ``torchrun --nproc_per_node=N -m stages.train`` (data parallel, see
 :mod:`diffusion_core.trainer`): every process trains and resumes from the checkpoint; rank 0 alone

@@ -40,7 +40,6 @@ def main(
         train, names, c.digit_clip_epochs, c.digit_clip_batch_size, c.digit_clip_lr,
         c.digit_clip_width, c.digit_clip_layers, c.digit_clip_embed_dim, cfg.seed,
         templates=templates, hflip=bool(stats.get("hflip", False)),
-        pad="replicate" if stats["channels"] == 3 else "constant",  # photos have no black background
     )
     judge = judge_from_model(model, tok, pre)
     text = text_embeddings(judge, names, templates)
