@@ -82,9 +82,9 @@ class CompactVocabulary:
     """Train the text tower on the rows of its token embedding that the captions use.
 
     The captions use a few dozen of the tokenizer's 49,408 tokens, but an ``nn.Embedding``'s
-    backward fills a dense gradient of the whole table and AdamW then steps every row: about a
-    tenth of a training step here. Rows that no caption uses get a zero gradient, so AdamW (an
-    elementwise update) only weight-decays them, which no caption can see. Training a small table
+    backward fills a dense gradient of the whole table and AdamW then steps every row: about 5% of
+    a training step here (bench/step_parts.py). Rows that no caption uses get a zero gradient, so
+    AdamW (an elementwise update) only weight-decays them, which no caption can see. Training a small table
     of the used rows instead gives the used rows exactly the same updates.
 
     ``with CompactVocabulary(model, tokens) as compact_tokens:`` swaps the small table in and

@@ -1,0 +1,147 @@
+"""Where the time of a default run goes, part by part: one training step of the diffusion model,
+the per-epoch extras, one digit-clip step (with and without the compact vocabulary), and the
+MLflow start-up that every stage pays.
+
+    python bench/step_parts.py [--rounds 20]
+
+Parts are timed in interleaved rounds (each part once per round, in turn), so a slow spell of the
+machine hits them alike; the table gives medians over the rounds in milliseconds. The data is
+params.yaml's split of its dataset; the Trainer and digit-clip are built as the stages build them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import machine, md_table  # noqa: E402
+from diffusion_core.clip_judge import class_prompts, to_clip_input  # noqa: E402
+from diffusion_core.config import load_config  # noqa: E402
+from diffusion_core.data import DATASETS, build_splits, dataset_prompts, to_model_range  # noqa: E402
+from diffusion_core.digit_clip import CompactVocabulary, arch_config, build, caption_tokens, random_shift  # noqa: E402
+from diffusion_core.optim import adamw  # noqa: E402
+from diffusion_core.trainer import Trainer  # noqa: E402
+
+
+def ms(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t) * 1000
+
+
+def trainer_parts(cfg, splits, rounds: int) -> dict[str, list[float]]:
+    with tempfile.TemporaryDirectory() as out:  # the grid and checkpoint files
+        return _trainer_parts(cfg, splits, rounds, out)
+
+
+def _trainer_parts(cfg, splits, rounds: int, out: str) -> dict[str, list[float]]:
+    spec = DATASETS[cfg.data.source]
+    x0 = splits["train"]["images"]
+    info = {"channels": x0.shape[1], "size": x0.shape[-1], "class_names": list(spec.class_names)}
+    tr = Trainer(cfg, splits["train"], splits["val"], info, out, progress=False)
+    x, y = tr.x_train[: tr.batch_size], tr.y_train[: tr.batch_size]
+
+    def forward_backward():
+        loss = tr.diffusion(tr.net, x, y, tr.tc.cond_drop_prob, tr.noise_gen)
+        tr.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+
+    parts = {
+        "diffusion step: forward + backward": forward_backward,
+        "diffusion step: gradient clipping": lambda: torch.nn.utils.clip_grad_norm_(tr.model.parameters(), tr.tc.grad_clip, foreach=True),
+        "diffusion step: AdamW + lr schedule": lambda: (tr.optimizer.step(), tr.scheduler.step()),
+        "diffusion step: EMA": lambda: tr.ema.update_parameters(tr.model),
+        "diffusion step: whole Trainer step": lambda: tr._train_step(x, y),
+        "per epoch: validation loss": lambda: tr.validation_loss(tr.ema.module),
+        "per epoch: fixed-noise grid": lambda: tr.sample_grid(1),
+        "per epoch: checkpoint": tr.save_checkpoint,
+    }
+    for _ in range(5):
+        tr._train_step(x, y)
+    times = {k: [] for k in parts}
+    for _ in range(rounds):
+        for k, fn in parts.items():
+            times[k].append(ms(fn))
+    return times
+
+
+def digit_clip_steps(cfg, splits, rounds: int) -> dict[str, list[float]]:
+    from open_clip.loss import ClipLoss
+
+    c = cfg.clip
+    names, templates = dataset_prompts({"source": cfg.data.source})
+    captions = [p for row in class_prompts(names, templates) for p in row]
+    x_all, y_all = to_model_range(splits["train"]["images"]), splits["train"]["labels"]
+    steps = {}
+    for name, compact in (("digit-clip step: whole token table", False), ("digit-clip step: compact vocabulary", True)):
+        torch.manual_seed(cfg.seed)
+        model, tok, pre = build(arch_config(x_all.shape[-1], c.digit_clip_width, c.digit_clip_layers, c.digit_clip_embed_dim, caption_tokens(captions)))
+        tokens = tok(captions)
+        if compact:
+            tokens = CompactVocabulary(model, tokens).__enter__()  # never restored: this model is thrown away
+        opt, loss_fn, g = adamw(list(model.parameters()), c.digit_clip_lr, 0.05), ClipLoss(), torch.Generator().manual_seed(5)
+        model.train()
+
+        def step(model=model, tokens=tokens, pre=pre, opt=opt, loss_fn=loss_fn, g=g):
+            idx = torch.randint(0, len(y_all), (c.digit_clip_batch_size,), generator=g)
+            text = tokens[y_all[idx] * len(templates) + torch.randint(0, len(templates), (len(idx),), generator=g)]
+            loss = loss_fn(*model(to_clip_input(random_shift(x_all[idx], 2, g), pre), text))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        for _ in range(5):
+            step()
+        steps[name] = step
+    times = {k: [] for k in steps}
+    for _ in range(rounds):
+        for k, fn in steps.items():
+            times[k].append(ms(fn))
+    return times
+
+
+MLFLOW_START = """
+import time, sys
+t = time.perf_counter()
+import mlflow
+mlflow.set_tracking_uri(sys.argv[1])
+mlflow.set_experiment("step-parts")
+print((time.perf_counter() - t) * 1000)
+"""
+
+
+def mlflow_start(rounds: int) -> dict[str, list[float]]:
+    """``import mlflow`` and opening an existing SQLite store, in a fresh process (as a stage does)."""
+    with tempfile.TemporaryDirectory() as d:
+        uri = f"sqlite:///{d}/mlflow.db"
+        run = lambda: float(subprocess.run([sys.executable, "-c", MLFLOW_START, uri], capture_output=True, text=True, check=True).stdout.split()[-1])  # noqa: E731
+        run()  # creates the database and the experiment
+        return {"stage start-up: import mlflow + open its SQLite store": [run() for _ in range(min(rounds, 5))]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args()
+    cfg = load_config(args.params)
+    d = cfg.data
+    splits = build_splits(d.source, d.root, cfg.seed, d.val_fraction, d.test_fraction, d.download, d.limit)
+    times = {**trainer_parts(cfg, splits, args.rounds), **digit_clip_steps(cfg, splits, args.rounds), **mlflow_start(args.rounds)}
+    rows = [{"part": k, "rounds": len(v), "median_ms": statistics.median(v), "min_ms": min(v), "max_ms": max(v)} for k, v in times.items()]
+    print(f"Machine: {machine()}")
+    print(f"Command: `python bench/step_parts.py --rounds {args.rounds}` ({d.source}, batch {cfg.train.batch_size}, "
+          f"digit-clip batch {cfg.clip.digit_clip_batch_size})\n")
+    print(md_table(rows))
+
+
+if __name__ == "__main__":
+    main()
