@@ -38,6 +38,27 @@ def median_time(fn, repeats: int = 3) -> tuple[float, list[float]]:
     return statistics.median(times), times
 
 
+def time_train_steps(tr, steps: int = 10, timings: int = 5, warmup: int = 3, seed: int = 0) -> tuple[float, float]:
+    """Seconds per training step of Trainer ``tr`` (the median of ``timings`` timings of ``steps``
+    real steps on random batches of its training data, flipped as its loop flips them) and the
+    seconds of the ``warmup`` steps before them (where torch.compile compiles). CUDA work is
+    synchronised before each clock reading."""
+    g = torch.Generator().manual_seed(seed)
+    x, y, b = tr.x_train, tr.y_train, tr.batch_size
+
+    def run(n: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            idx = torch.randint(0, len(y), (b,), generator=g).to(x.device)
+            tr._train_step(tr._augment(x[idx]), y[idx])
+        if x.device.type == "cuda":
+            torch.cuda.synchronize(x.device)
+        return time.perf_counter() - t0
+
+    warm = run(warmup)
+    return statistics.median(run(steps) for _ in range(timings)) / steps, warm
+
+
 def mnist_root() -> Path:
     """Full MNIST in torchvision's layout (CACHE/MNIST/raw), unpacked from ../shared/data/mnist."""
     raw = CACHE / "MNIST" / "raw"

@@ -19,18 +19,17 @@ import statistics
 import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import machine, md_table  # noqa: E402
+from bench.common import machine, md_table, time_train_steps  # noqa: E402
 
 
 def one(spec: dict) -> dict:
     from diffusion_core.config import config_from_dict
-    from diffusion_core.data import DATASETS, build_splits, random_hflip
+    from diffusion_core.data import DATASETS, build_splits
     from diffusion_core.trainer import Trainer
 
     torch.set_num_threads(spec.get("threads", torch.get_num_threads()))
@@ -51,35 +50,16 @@ def one(spec: dict) -> dict:
     cfg = config_from_dict({"data": {"source": source}, "model": model, "train": train})
     info = {"channels": ds.channels, "size": ds.size, "class_names": list(ds.class_names)}
     tr = Trainer(cfg, splits["train"], splits["val"], info, "/tmp/bench_scaling", progress=False)
-    flip_gen = torch.Generator().manual_seed(0)
     if spec.get("foreach_adamw"):  # torch's default AdamW implementation instead of the fused kernel
         tr.optimizer = torch.optim.AdamW(tr.model.parameters(), lr=cfg.train.lr, foreach=True)
         tr.scheduler = torch.optim.lr_scheduler.LambdaLR(tr.optimizer, lambda step: 1.0)
-    x, y = tr.x_train, tr.y_train
     b = tr.batch_size
-
-    def steps(n):
-        for i in range(n):
-            idx = torch.randint(0, len(y), (b,))
-            xb = x[idx]
-            if ds.hflip:  # as the training loop does for this dataset
-                xb = random_hflip(xb, flip_gen)
-            tr._train_step(xb, y[idx])
-
-    t0 = time.perf_counter()
-    steps(3)
-    warm = time.perf_counter() - t0
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        steps(10)
-        times.append(time.perf_counter() - t0)
-    med = statistics.median(times)
+    med, warm = time_train_steps(tr)
     params = sum(p.numel() for p in tr.model.parameters())
     return {
         "params": params,
-        "steps_per_s": 10 / med,
-        "images_per_s": 10 * b / med,
+        "steps_per_s": 1 / med,
+        "images_per_s": b / med,
         "warmup_s": warm,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }

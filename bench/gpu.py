@@ -1,0 +1,321 @@
+"""Full-MNIST numbers on a GPU, in one prepared run: training throughput, and the time to 98% judged accuracy.
+
+Written for the few minutes of a lent GPU machine (issue 8), where a second try may not fit: each
+part is guarded (a failure prints its traceback and the run goes on with the next part), training
+fits a time budget, and the tables are printed as each part ends.
+
+    python bench/gpu.py                          # on a CUDA machine: both parts, about 6 minutes
+    python bench/gpu.py --out gpu.md             # the tables also go to gpu.md
+
+On the device machine, ``bench/gpu.sh`` runs it from a carried folder ``.gpu/`` that holds full
+MNIST's four .gz files and the judge's weights (bench/RESULTS.md section 8 says how to fill it).
+
+1. **Throughput.** Training steps of the Trainer itself (loss, backward, gradient clipping, fused
+   AdamW, EMA) on random batches of the full-MNIST training digits, kept on the device: images/s,
+   steps/s and peak device memory, for the CPU default network (params.yaml) and the README's GPU
+   preset (``GPU_PRESET``) at each ``--batch-sizes``, under ``train.precision: auto`` (bf16 autocast
+   on CUDA); then the preset at its own batch size in float32 (TF32 on).
+2. **Time to quality.** Each network of ``--networks`` trained from scratch on the 54,000 training
+   digits, for as many epochs as fit ``--budget-s`` at its measured speed (its cosine learning-rate
+   schedule ends there). After every epoch, ``--per-class`` digits of each class are drawn with
+   params.yaml's sampler and guidance and judged by bench/mnist_judge.py's CNN. The table gives the
+   training seconds at each epoch (the Trainer's loop with its own per-epoch validation loss, grid
+   and checkpoint; the judging is not counted) and marks the first epoch judged at least 98%
+   correct overall with every digit at least 95% (the issue's targets). The final EMA then draws
+   ``--final-per-class`` digits of each class: accuracy, worst digit, and FD against as many real
+   test digits, beside the real-vs-real floor.
+3. **torch.compile.** Part 1's timing of each network compiled (inductor) at its own batch size; its
+   ``warmup_s`` holds the compilation. Last, so that a slow compile cannot cost parts 1 and 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import machine, md_table, time_train_steps  # noqa: E402
+from diffusion_core.config import Config, ConfigError, load_config  # noqa: E402
+from diffusion_core.data import DATASETS, build_splits, to_uint8  # noqa: E402
+from diffusion_core.samplers import class_labels  # noqa: E402
+from diffusion_core.trainer import Trainer, resolve_device  # noqa: E402
+from diffusion_core.unet import count_parameters  # noqa: E402
+from stages.sample import draw  # noqa: E402
+
+# The README's "Full MNIST on a GPU" preset (tests/test_bench_gpu.py checks that they agree).
+GPU_PRESET: dict[str, Any] = {
+    "model.base_channels": 64,
+    "model.patch_size": 1,
+    "model.channel_mult": [1, 2, 2],
+    "model.num_res_blocks": 2,
+    "model.attention_resolutions": [14, 7],
+    "train.batch_size": 128,
+    "train.lr": 0.0005,
+    "train.ema_decay": 0.9995,
+}
+NETWORKS = {"default": {}, "gpu-preset": GPU_PRESET}
+PRESET_EPOCHS = 30  # the README preset's train.epochs: the most a budgeted run is given
+TARGET_ACCURACY, TARGET_WORST = 0.98, 0.95
+PARTS = ("throughput", "quality", "compile")
+
+Evaluate = Callable[[torch.Tensor, torch.Tensor], dict]
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``--set key=value`` (YAML values, as ``dvc exp run -S``) -> dotted overrides."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"--set: expected KEY=VALUE, got {item!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def network_config(args, network: str, extra: dict[str, Any] | None = None) -> Config:
+    """params.yaml with the dataset of this run, ``network``'s preset, ``--set`` and ``extra``."""
+    overrides = {"data.source": args.source, "data.root": args.root, "data.download": False,
+                 "train.device": args.device, **NETWORKS[network], **args.overrides, **(extra or {})}
+    return load_config(args.params, overrides)
+
+
+def make_trainer(cfg: Config, splits: dict, out: str, on_epoch=None) -> Trainer:
+    spec = DATASETS[cfg.data.source]
+    info = {"channels": spec.channels, "size": spec.size, "class_names": list(spec.class_names)}
+    return Trainer(cfg, splits["train"], splits["val"], info, out, on_epoch=on_epoch, progress=False)
+
+
+def peak_memory_mib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
+def release(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def throughput_row(cfg: Config, splits: dict, steps: int, timings: int) -> dict:
+    """One row of part 1: a fresh Trainer for ``cfg``, timed by ``time_train_steps``."""
+    with tempfile.TemporaryDirectory() as out:
+        tr = make_trainer(cfg, splits, out)
+        release(tr.device)
+        sec, warm = time_train_steps(tr, steps=steps, timings=timings)
+        row = {"params": count_parameters(tr.model), "batch": tr.batch_size, "steps_per_s": 1 / sec,
+               "images_per_s": tr.batch_size / sec, "warmup_s": warm, "peak_mem_mib": peak_memory_mib(tr.device)}
+        del tr
+    return row
+
+
+def throughput(args, splits: dict, report: Callable[[str], None], runs: list[tuple[str, str, dict]]) -> dict[tuple[str, int], float]:
+    """A throughput table of ``runs`` (network, variant, overrides); returns steps/s per (network,
+    batch size) of the rows named "batch N" (train.precision auto, eager)."""
+    rows, speed = [], {}
+    for network, variant, extra in runs:
+        try:
+            cfg = network_config(args, network, extra)
+            row = throughput_row(cfg, splits, args.steps, args.timings)
+        except Exception:  # noqa: BLE001 - one failed row must not cost the rest of the run
+            traceback.print_exc()
+            row = {"error": traceback.format_exc(limit=1).strip().splitlines()[-1]}
+        else:
+            if variant.startswith("batch"):
+                speed[(network, row["batch"])] = row["steps_per_s"]
+        rows.append({"network": network, "variant": variant, **row})
+        print(rows[-1], file=sys.stderr, flush=True)
+    cols = ["network", "variant", "params", "batch", "steps_per_s", "images_per_s", "warmup_s", "peak_mem_mib"]
+    cols += ["error"] if any("error" in r for r in rows) else []
+    report(md_table([{c: "n/a" if r.get(c, "") is None else r.get(c, "") for c in cols} for r in rows]))
+    return speed
+
+
+def part1_runs(args) -> list[tuple[str, str, dict]]:
+    """Every network at every batch size, then the preset in float32 (TF32) at its own batch size."""
+    runs = [(n, f"batch {b}", {"train.batch_size": b}) for n in args.networks for b in args.batch_sizes]
+    return runs + ([("gpu-preset", "fp32 (TF32)", {"train.precision": "fp32"})] if "gpu-preset" in args.networks else [])
+
+
+def compile_runs(args) -> list[tuple[str, str, dict]]:
+    """torch.compile (inductor) at each network's own batch size: last, as compiling may be slow."""
+    return [(n, "torch.compile", {"train.compile": True}) for n in args.networks]
+
+
+def budget_epochs(budget_s: float, steps_per_s: float, steps_per_epoch: int, most: int = PRESET_EPOCHS) -> int:
+    """As many whole epochs as fit ``budget_s`` of training at ``steps_per_s`` (at least 1, at most ``most``)."""
+    return max(1, min(most, int(budget_s * steps_per_s / steps_per_epoch)))
+
+
+def meets_targets(q: dict) -> bool:
+    """98% overall and 95% for the worst digit; the judge's float32 means (19/20 = 0.94999999) count
+    as the fractions they are."""
+    return q["accuracy"] >= TARGET_ACCURACY - 1e-6 and q["worst_digit_accuracy"] >= TARGET_WORST - 1e-6
+
+
+def judged(evaluate: Evaluate, images: torch.Tensor, labels: torch.Tensor) -> dict:
+    q = evaluate(to_uint8(images), labels)
+    return {k: q[k] for k in ("accuracy", "worst_digit", "worst_digit_accuracy", "fd", "fd_real_vs_real")}
+
+
+def time_to_quality(args, network: str, splits: dict, steps_per_s: float | None, evaluate: Evaluate) -> tuple[list[dict], dict]:
+    """Part 2 for one network: per-epoch rows and the final row."""
+    cfg = network_config(args, network)
+    spec = DATASETS[cfg.data.source]
+    shape = (spec.channels, spec.size, spec.size)
+    if steps_per_s is None:  # part 1 did not time this batch size
+        steps_per_s = throughput_row(cfg, splits, args.steps, args.timings)["steps_per_s"]
+    steps_per_epoch = len(splits["train"]["labels"]) // cfg.train.batch_size
+    epochs = budget_epochs(args.budget_s, steps_per_s, steps_per_epoch)
+    cfg = network_config(args, network, {"train.epochs": epochs})
+    s = cfg.sample
+    labels = class_labels(spec.num_classes, args.per_class)
+    rows: list[dict] = []
+    judging = {"s": 0.0}
+    clock = {}
+
+    def draw_digits(model, labels):
+        return draw(model, tr.diffusion, labels, s.sampler, s.steps, s.eta, s.guidance_scale, cfg.seed + 10, shape,
+                    s.batch_size, progress=False, interval=s.guidance_interval)
+
+    def on_epoch(epoch: int, rec: dict, grid) -> None:
+        t0 = time.perf_counter()
+        train_s = t0 - clock["start"] - judging["s"]
+        q = judged(evaluate, draw_digits(tr.ema.module.eval(), labels), labels)
+        tr.ema.module.train()
+        reached = meets_targets(q)
+        rows.append({"network": network, "epoch": epoch, "steps": tr.step, "train_s": train_s,
+                     "val_loss": rec["val_loss"], **q, "targets_met": reached})
+        print(rows[-1], file=sys.stderr, flush=True)
+        judging["s"] += time.perf_counter() - t0
+
+    with tempfile.TemporaryDirectory() as out:
+        tr = make_trainer(cfg, splits, out, on_epoch=on_epoch)
+        release(tr.device)
+        clock["start"] = time.perf_counter()
+        res = tr.fit(resume=False)
+        train_s = time.perf_counter() - clock["start"] - judging["s"]
+        final_labels = class_labels(spec.num_classes, args.final_per_class)
+        t0 = time.perf_counter()
+        images = draw_digits(tr.ema.module.eval(), final_labels)
+        sample_s = time.perf_counter() - t0
+        first = next((r for r in rows if r["targets_met"]), None)
+        final = {"network": network, "params": count_parameters(tr.model), "batch": cfg.train.batch_size,
+                 "epochs": epochs, "steps": res.steps, "train_s": train_s, "images_per_s": res.steps * cfg.train.batch_size / train_s,
+                 "peak_mem_mib": peak_memory_mib(tr.device),
+                 "targets_met_at_epoch": first["epoch"] if first else "not within the budget",
+                 "targets_met_after_s": first["train_s"] if first else "-",
+                 "digits": len(final_labels), **judged(evaluate, images, final_labels),
+                 "sample_ms_per_digit": 1000 * sample_s / len(final_labels)}
+    return rows, final
+
+
+def mnist_judge_evaluate() -> Evaluate:
+    """bench/mnist_judge.py's CNN (trained on full MNIST, cached in bench/.cache)."""
+    from bench.mnist_judge import get_judge, quality
+
+    model = get_judge()
+    return lambda images, labels: quality(images, labels, model)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="auto", help="train.device (auto: CUDA when there is one)")
+    ap.add_argument("--networks", default=",".join(NETWORKS), help=f"comma-separated, from {list(NETWORKS)}")
+    ap.add_argument("--batch-sizes", default="32,128,512,2048", help="part 1's batch sizes")
+    ap.add_argument("--steps", type=int, default=20, help="part 1: steps per timing")
+    ap.add_argument("--timings", type=int, default=3, help="part 1: timings per row (the median is kept)")
+    ap.add_argument("--budget-s", type=float, default=100.0, help="part 2: training seconds per network")
+    ap.add_argument("--per-class", type=int, default=100, help="part 2: digits of each class judged after every epoch")
+    ap.add_argument("--final-per-class", type=int, default=200, help="part 2: digits of each class judged at the end")
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, run in this order: {', '.join(PARTS)}")
+    ap.add_argument("--source", default="mnist", help="data.source (tests use mnist-5k)")
+    ap.add_argument("--root", default=None, help="data.root holding MNIST/raw (default: bench/.cache, unpacked from ../shared)")
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="a params.yaml override for every run")
+    ap.add_argument("--out", default=None, help="also write the tables to this file")
+    args = ap.parse_args(argv)
+    args.networks = [n.strip() for n in args.networks.split(",") if n.strip()]
+    unknown = [n for n in args.networks if n not in NETWORKS]
+    if unknown or not args.networks:
+        raise SystemExit(f"--networks: unknown {unknown}; known: {list(NETWORKS)}")
+    try:
+        args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    except ValueError:
+        raise SystemExit(f"--batch-sizes: expected integers such as 32,128, got {args.batch_sizes!r}") from None
+    args.parts = {p.strip() for p in args.parts.split(",") if p.strip()}
+    if not args.parts or args.parts - set(PARTS):
+        raise SystemExit(f"--parts: expected some of {', '.join(PARTS)}, got {sorted(args.parts)}")
+    for flag in ("steps", "timings", "per_class", "final_per_class"):
+        if getattr(args, flag) < 1:
+            raise SystemExit(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.budget_s <= 0:
+        raise SystemExit(f"--budget-s must be > 0, got {args.budget_s}")
+    args.overrides = parse_overrides(args.overrides)
+    return args
+
+
+def main(argv: list[str] | None = None, evaluate: Evaluate | None = None) -> None:
+    args = parse_args(argv)
+    command = " ".join(["python bench/gpu.py", *(sys.argv[1:] if argv is None else argv)])
+    if args.root is None:
+        from bench.common import mnist_root
+
+        args.root = str(mnist_root()) if args.source == "mnist" else "data/raw"
+    try:  # a bad --set or params.yaml stops here, in one line, before any work
+        cfg = network_config(args, args.networks[0])
+    except ConfigError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    out_file = open(args.out, "w") if args.out else None
+
+    def report(text: str) -> None:
+        print(text, flush=True)
+        if out_file:
+            out_file.write(text + "\n")
+            out_file.flush()
+
+    device = resolve_device(args.device)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU"
+    report(f"Machine: {gpu}; host {machine()}\nCommand: `{command}`\n")
+    d = cfg.data
+    splits = build_splits(d.source, d.root, cfg.seed, d.val_fraction, d.test_fraction, download=False, limit=d.limit)
+    report(f"Data: {args.source}, {len(splits['train']['labels'])} training digits; sampler {cfg.sample.sampler} "
+           f"{cfg.sample.steps} steps, w = {cfg.sample.guidance_scale} on t/T in {list(cfg.sample.guidance_interval)}\n")
+    speed: dict = {}
+    if "throughput" in args.parts:
+        report("### Throughput\n")
+        speed = throughput(args, splits, report, part1_runs(args))
+        report("")
+    if "quality" in args.parts:
+        evaluate = evaluate or mnist_judge_evaluate()
+        finals = []
+        for network in args.networks:
+            report(f"### Time to quality: {network} (budget {args.budget_s:g} s of training)\n")
+            try:
+                batch = network_config(args, network).train.batch_size
+                rows, final = time_to_quality(args, network, splits, speed.get((network, batch)), evaluate)
+            except Exception:  # noqa: BLE001 - the other network still runs
+                traceback.print_exc()
+                report(f"failed: {traceback.format_exc(limit=1).strip().splitlines()[-1]}\n")
+                continue
+            report(md_table(rows) + "\n")
+            finals.append(final)
+        if finals:
+            report("### Final samples\n")
+            report(md_table([{k: ("n/a" if v is None else v) for k, v in f.items()} for f in finals]) + "\n")
+    if "compile" in args.parts:
+        report("### torch.compile\n")
+        throughput(args, splits, report, compile_runs(args))
+    if out_file:
+        out_file.close()
+
+
+if __name__ == "__main__":
+    main()
