@@ -18,7 +18,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import machine, md_table  # noqa: E402
@@ -51,7 +50,7 @@ def one(name: str, overrides: dict, epochs: int, per_class: int, judge, guidance
     # params.yaml's split whatever the variant: an overridden ``seed`` changes only the run's
     # randomness (initial weights, batch order, training noise, the sampling noise)
     split_seed = load_config("params.yaml").seed
-    splits = build_splits(cfg.data.source, cfg.data.root, split_seed, cfg.data.val_fraction, cfg.data.test_fraction)
+    splits = build_splits(cfg.data.source, cfg.data.root, split_seed, cfg.data.val_fraction, cfg.data.test_fraction, limit=cfg.data.limit)
     info = {"channels": spec.channels, "size": spec.size, "class_names": list(spec.class_names)}
     with tempfile.TemporaryDirectory() as out:
         tr = Trainer(cfg, splits["train"], splits["val"], info, out, progress=False)
