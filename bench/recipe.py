@@ -73,7 +73,8 @@ VARIANTS = {
 # The same recipes with other seeds (another initialisation, batch order, training and sampling
 # noise; the same data split): how much of a difference between two rows is chance.
 for _name in ("v", "v + logit-normal t", "v + logit-normal t + silu add", "v + logit-normal t + scale-shift",
-              "v + logit-normal t + scale-shift + adam beta2 0.99", "v + logit-normal t + scale-shift + 30 epochs"):
+              "v + logit-normal t + scale-shift + adam beta2 0.99", "v + logit-normal t + scale-shift + 30 epochs",
+              "default + full MNIST 4k digits", "default + full MNIST 40k digits + 2 epochs"):
     for _seed in (1, 2):
         VARIANTS[f"{_name} + seed {_seed}"] = {**VARIANTS[_name], "seed": _seed}
 
