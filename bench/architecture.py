@@ -51,7 +51,7 @@ def one(name: str, overrides: dict, epochs: int, per_class: int, judge, guidance
     # randomness (initial weights, batch order, training noise, the sampling noise)
     split_seed = load_config("params.yaml").seed
     splits = build_splits(cfg.data.source, cfg.data.root, split_seed, cfg.data.val_fraction, cfg.data.test_fraction, limit=cfg.data.limit)
-    info = {"channels": spec.channels, "size": spec.size, "class_names": list(spec.class_names)}
+    info = spec.trainer_info
     with tempfile.TemporaryDirectory() as out:
         tr = Trainer(cfg, splits["train"], splits["val"], info, out, progress=False)
         t0 = time.perf_counter()

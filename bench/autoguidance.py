@@ -88,7 +88,7 @@ def main() -> None:
     args = ap.parse_args()
     cfg = load_config(args.params)
     spec = DATASETS[cfg.data.source]
-    info = {"channels": spec.channels, "size": spec.size, "class_names": list(spec.class_names)}
+    info = spec.trainer_info
     guides = args.guides.split(",")
     intervals = [parse_interval(iv, "--intervals") for iv in args.intervals.split(";")]
     last = cfg.train.epochs

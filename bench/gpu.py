@@ -89,9 +89,7 @@ def network_config(args, network: str, extra: dict[str, Any] | None = None) -> C
 
 
 def make_trainer(cfg: Config, splits: dict, out: str, on_epoch=None) -> Trainer:
-    spec = DATASETS[cfg.data.source]
-    info = {"channels": spec.channels, "size": spec.size, "class_names": list(spec.class_names)}
-    return Trainer(cfg, splits["train"], splits["val"], info, out, on_epoch=on_epoch, progress=False)
+    return Trainer(cfg, splits["train"], splits["val"], DATASETS[cfg.data.source].trainer_info, out, on_epoch=on_epoch, progress=False)
 
 
 def peak_memory_mib(device: torch.device) -> float | None:

@@ -48,7 +48,7 @@ def one(spec: dict) -> dict:
     model.update(spec.get("model", {}))
     train = {"batch_size": spec["batch"], "epochs": 1000, **spec.get("train", {})}
     cfg = config_from_dict({"data": {"source": source}, "model": model, "train": train})
-    info = {"channels": ds.channels, "size": ds.size, "class_names": list(ds.class_names)}
+    info = ds.trainer_info
     tr = Trainer(cfg, splits["train"], splits["val"], info, "/tmp/bench_scaling", progress=False)
     if spec.get("foreach_adamw"):  # torch's default AdamW implementation instead of the fused kernel
         tr.optimizer = torch.optim.AdamW(tr.model.parameters(), lr=cfg.train.lr, foreach=True)

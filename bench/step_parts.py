@@ -43,10 +43,7 @@ def trainer_parts(cfg, splits, rounds: int) -> dict[str, list[float]]:
 
 
 def _trainer_parts(cfg, splits, rounds: int, out: str) -> dict[str, list[float]]:
-    spec = DATASETS[cfg.data.source]
-    x0 = splits["train"]["images"]
-    info = {"channels": x0.shape[1], "size": x0.shape[-1], "class_names": list(spec.class_names)}
-    tr = Trainer(cfg, splits["train"], splits["val"], info, out, progress=False)
+    tr = Trainer(cfg, splits["train"], splits["val"], DATASETS[cfg.data.source].trainer_info, out, progress=False)
     x, y = tr.x_train[: tr.batch_size], tr.y_train[: tr.batch_size]
 
     def forward_backward():

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -97,6 +97,11 @@ class DatasetSpec:
     @property
     def caption_names(self) -> tuple[str, ...]:
         return self.prompt_names or self.class_names
+
+    @property
+    def trainer_info(self) -> dict[str, Any]:
+        """The ``data_info`` a :class:`~diffusion_core.trainer.Trainer` takes (what ``stats.json`` records of it)."""
+        return {"channels": self.channels, "size": self.size, "class_names": list(self.class_names)}
 
 
 def _load_mnist_5k(root: str, download: bool) -> RawData:
