@@ -23,10 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import machine, md_table  # noqa: E402
-from diffusion_core.clip_judge import class_prompts, to_clip_input  # noqa: E402
+from diffusion_core.clip_judge import class_prompts  # noqa: E402
 from diffusion_core.config import load_config  # noqa: E402
 from diffusion_core.data import DATASETS, build_splits, dataset_prompts, to_model_range  # noqa: E402
-from diffusion_core.digit_clip import CompactVocabulary, arch_config, build, caption_tokens, random_shift  # noqa: E402
+from diffusion_core.digit_clip import CompactVocabulary, arch_config, build, caption_tokens, random_shift, train_step  # noqa: E402
 from diffusion_core.optim import adamw  # noqa: E402
 from diffusion_core.trainer import Trainer  # noqa: E402
 
@@ -90,10 +90,7 @@ def digit_clip_steps(cfg, splits, rounds: int) -> dict[str, list[float]]:
         def step(model=model, tokens=tokens, pre=pre, opt=opt, loss_fn=loss_fn, g=g):
             idx = torch.randint(0, len(y_all), (c.digit_clip_batch_size,), generator=g)
             text = tokens[y_all[idx] * len(templates) + torch.randint(0, len(templates), (len(idx),), generator=g)]
-            loss = loss_fn(*model(to_clip_input(random_shift(x_all[idx], 2, g), pre), text))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            train_step(model, pre, opt, loss_fn, random_shift(x_all[idx], 2, g), text)
 
         for _ in range(5):
             step()

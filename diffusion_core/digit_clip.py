@@ -157,6 +157,19 @@ def train_digit_clip(
     return model, tokenizer, preprocess, arch, seconds
 
 
+def train_step(model, preprocess, opt, loss_fn, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """One optimizer step of the contrastive loss on images ``x`` (model range) and their captions'
+    tokens ``text``; returns the loss."""
+    img_f, txt_f, scale = model(to_clip_input(x, preprocess), text)
+    loss = loss_fn(img_f, txt_f, scale)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, 4.6052)  # as in open_clip's training: scale <= 100
+    return loss
+
+
 def _fit(model, preprocess, tokens, n_t, x_all, y_all, epochs, batch_size, lr, g, max_shift, hflip, pad, progress) -> float:
     """The CLIP training loop: captions ``tokens[label * n_t + template]``; returns its seconds."""
     from open_clip.loss import ClipLoss
@@ -178,15 +191,8 @@ def _fit(model, preprocess, tokens, n_t, x_all, y_all, epochs, batch_size, lr, g
             if hflip:
                 x = random_hflip(x, g)
             template = torch.randint(0, n_t, (len(y),), generator=g)
-            text = tokens[y * n_t + template]
-            img_f, txt_f, scale = model(to_clip_input(x, preprocess), text)
-            loss = loss_fn(img_f, txt_f, scale)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            loss = train_step(model, preprocess, opt, loss_fn, x, tokens[y * n_t + template])
             sched.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, 4.6052)  # as in open_clip's training: scale <= 100
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()

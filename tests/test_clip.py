@@ -217,7 +217,6 @@ def test_compact_vocabulary_trains_the_used_rows_exactly_as_the_full_table(mnist
         CompactVocabulary(init, used[None])
 
 
-
 def test_the_text_context_is_the_longest_caption_and_padding_would_not_change_an_embedding():
     from diffusion_core.clip_judge import class_prompts
     from diffusion_core.digit_clip import arch_config, build, caption_tokens
