@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
+# full MNIST's four .gz files: ../shared/data/mnist, or where BENCH_MNIST_GZ says (bench/gpu.sh: .gpu)
+SHARED_MNIST = Path(os.environ.get("BENCH_MNIST_GZ", REPO.parent / "shared" / "data" / "mnist")).resolve()
 CACHE = REPO / "bench" / ".cache"
 
 
@@ -60,7 +61,7 @@ def time_train_steps(tr, steps: int = 10, timings: int = 5, warmup: int = 3, see
 
 
 def mnist_root() -> Path:
-    """Full MNIST in torchvision's layout (CACHE/MNIST/raw), unpacked from ../shared/data/mnist."""
+    """Full MNIST in torchvision's layout (CACHE/MNIST/raw), unpacked from ``SHARED_MNIST``."""
     raw = CACHE / "MNIST" / "raw"
     if not (raw / "t10k-labels-idx1-ubyte").is_file():
         if not SHARED_MNIST.is_dir():
@@ -81,6 +82,19 @@ def parse_interval(text: str, flag: str) -> tuple[float, float]:
     if not 0 <= lo <= hi <= 1:
         raise SystemExit(f"{flag}: need 0 <= LO <= HI <= 1, got {text!r}")
     return lo, hi
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``--set key=value`` (YAML values, as ``dvc exp run -S``) -> dotted overrides."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"--set: expected KEY=VALUE, got {item!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
 
 
 def md_table(rows: list[dict]) -> str:

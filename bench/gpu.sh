@@ -18,10 +18,8 @@ if [[ "${1:-}" == "--pack" ]]; then
     exit 0
 fi
 [[ -f .gpu/mnist_cnn.pt ]] || { echo "error: .gpu/ is not filled: run 'bash bench/gpu.sh --pack' first and carry .gpu" >&2; exit 2; }
-raw=bench/.cache/MNIST/raw
-mkdir -p "$raw"
-for f in .gpu/*.gz; do gunzip -c "$f" > "$raw/$(basename "$f" .gz)"; done
-cp .gpu/mnist_cnn.pt bench/.cache/
+export BENCH_MNIST_GZ=.gpu  # bench/common.mnist_root unpacks full MNIST from there
+mkdir -p bench/.cache && cp .gpu/mnist_cnn.pt bench/.cache/
 out=${OUT:-.}
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || true
 PYTHONUNBUFFERED=1 "$PYTHON" bench/gpu.py --out "$out/gpu.md" "$@" 2>&1 | tee "$out/gpu.log"
