@@ -41,7 +41,7 @@ from typing import Any, Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import machine, md_table, time_train_steps  # noqa: E402
+from bench.common import machine, md_table, parse_overrides, time_train_steps  # noqa: E402
 from diffusion_core.config import Config, ConfigError, load_config  # noqa: E402
 from diffusion_core.data import DATASETS, build_splits, to_uint8  # noqa: E402
 from diffusion_core.samplers import class_labels  # noqa: E402
@@ -66,19 +66,6 @@ TARGET_ACCURACY, TARGET_WORST = 0.98, 0.95
 PARTS = ("throughput", "quality", "compile")
 
 Evaluate = Callable[[torch.Tensor, torch.Tensor], dict]
-
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``--set key=value`` (YAML values, as ``dvc exp run -S``) -> dotted overrides."""
-    import yaml
-
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise SystemExit(f"--set: expected KEY=VALUE, got {item!r}")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
 
 
 def network_config(args, network: str, extra: dict[str, Any] | None = None) -> Config:
@@ -163,12 +150,14 @@ def judged(evaluate: Evaluate, images: torch.Tensor, labels: torch.Tensor) -> di
     return {k: q[k] for k in ("accuracy", "worst_digit", "worst_digit_accuracy", "fd", "fd_real_vs_real")}
 
 
-def time_to_quality(args, network: str, splits: dict, steps_per_s: float | None, evaluate: Evaluate) -> tuple[list[dict], dict]:
-    """Part 2 for one network: per-epoch rows and the final row."""
+def time_to_quality(args, network: str, splits: dict, speed: dict, evaluate: Evaluate) -> tuple[list[dict], dict]:
+    """Part 2 for one network: per-epoch rows and the final row. ``speed``: part 1's steps/s by
+    (network, batch size); a batch size it did not time is timed here."""
     cfg = network_config(args, network)
     spec = DATASETS[cfg.data.source]
     shape = (spec.channels, spec.size, spec.size)
-    if steps_per_s is None:  # part 1 did not time this batch size
+    steps_per_s = speed.get((network, cfg.train.batch_size))
+    if steps_per_s is None:
         steps_per_s = throughput_row(cfg, splits, args.steps, args.timings)["steps_per_s"]
     steps_per_epoch = len(splits["train"]["labels"]) // cfg.train.batch_size
     epochs = budget_epochs(args.budget_s, steps_per_s, steps_per_epoch)
@@ -297,8 +286,7 @@ def main(argv: list[str] | None = None, evaluate: Evaluate | None = None) -> Non
         for network in args.networks:
             report(f"### Time to quality: {network} (budget {args.budget_s:g} s of training)\n")
             try:
-                batch = network_config(args, network).train.batch_size
-                rows, final = time_to_quality(args, network, splits, speed.get((network, batch)), evaluate)
+                rows, final = time_to_quality(args, network, splits, speed, evaluate)
             except Exception:  # noqa: BLE001 - the other network still runs
                 traceback.print_exc()
                 report(f"failed: {traceback.format_exc(limit=1).strip().splitlines()[-1]}\n")

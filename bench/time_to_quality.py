@@ -27,7 +27,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import REPO, machine, md_table  # noqa: E402
+from bench.common import REPO, machine, md_table, parse_overrides  # noqa: E402
 from bench.mnist_judge import get_judge, quality  # noqa: E402
 
 STAGES = ["prepare", "train", "train_clip", "sample", "evaluate", "sweep", "report"]
@@ -43,7 +43,7 @@ def copy_project(dst: Path, overrides: dict) -> None:
     params = yaml.safe_load((dst / "params.yaml").read_text())
     for dotted, value in overrides.items():
         group, key = dotted.split(".")
-        params[group][key] = yaml.safe_load(value)
+        params[group][key] = value
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "-c", "user.email=b@b", "-c", "user.name=bench", "commit", "-qm", "bench"]):
         subprocess.run(cmd, cwd=dst, check=True, capture_output=True)
@@ -92,7 +92,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.in_place and (args.set or args.runs != 1):
         raise SystemExit("--in-place: runs the repository's own params once; drop --set/--runs")
-    overrides = dict(s.split("=", 1) for s in args.set)
+    overrides = parse_overrides(args.set)
     get_judge()  # trained (and cached) before any timing
     if args.force and not args.in_place:
         raise SystemExit("--force: only with --in-place (a fresh copy runs every stage anyway)")
