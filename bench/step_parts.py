@@ -2,7 +2,7 @@
 the per-epoch extras, one digit-clip step (with and without the compact vocabulary), and the
 MLflow start-up that every stage pays.
 
-    python bench/step_parts.py [--rounds 20]
+    python bench/step_parts.py [--rounds 20] [--profile 20]
 
 Parts are timed in interleaved rounds (each part once per round, in turn), so a slow spell of the
 machine hits them alike; the table gives medians over the rounds in milliseconds. The data is
@@ -102,6 +102,27 @@ def digit_clip_steps(cfg, splits, rounds: int) -> dict[str, list[float]]:
     return times
 
 
+def operator_profile(cfg, splits, steps: int, top: int = 12) -> list[dict]:
+    """torch.profiler over ``steps`` whole Trainer steps: self CPU time per step of the ``top``
+    operators, and of all convolution operators (forward and backward) together."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with tempfile.TemporaryDirectory() as out:
+        tr = Trainer(cfg, splits["train"], splits["val"], DATASETS[cfg.data.source].trainer_info, out, progress=False)
+        x, y = tr.x_train[: tr.batch_size], tr.y_train[: tr.batch_size]
+        for _ in range(5):
+            tr._train_step(x, y)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                tr._train_step(x, y)
+    ops = [(e.key, e.self_cpu_time_total / 1000 / steps) for e in prof.key_averages()]
+    total = sum(t for _, t in ops)
+    rows = [{"operator": k, "self_ms_per_step": t, "share": t / total} for k, t in sorted(ops, key=lambda o: -o[1])[:top]]
+    conv = sum(t for k, t in ops if "convolution" in k)
+    return rows + [{"operator": "all convolution operators", "self_ms_per_step": conv, "share": conv / total},
+                   {"operator": "all operators", "self_ms_per_step": total, "share": 1.0}]
+
+
 MLFLOW_START = """
 import time, sys
 t = time.perf_counter()
@@ -125,16 +146,24 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                    help="also profile STEPS training steps by operator (torch.profiler)")
     args = ap.parse_args()
+    if args.profile < 0:
+        raise SystemExit(f"--profile must be >= 0, got {args.profile}")
     cfg = load_config(args.params)
     d = cfg.data
     splits = build_splits(d.source, d.root, cfg.seed, d.val_fraction, d.test_fraction, d.download, d.limit)
     times = {**trainer_parts(cfg, splits, args.rounds), **digit_clip_steps(cfg, splits, args.rounds), **mlflow_start(args.rounds)}
     rows = [{"part": k, "rounds": len(v), "median_ms": statistics.median(v), "min_ms": min(v), "max_ms": max(v)} for k, v in times.items()]
     print(f"Machine: {machine()}")
-    print(f"Command: `python bench/step_parts.py --rounds {args.rounds}` ({d.source}, batch {cfg.train.batch_size}, "
+    profile = f" --profile {args.profile}" if args.profile else ""
+    print(f"Command: `python bench/step_parts.py --rounds {args.rounds}{profile}` ({d.source}, batch {cfg.train.batch_size}, "
           f"digit-clip batch {cfg.clip.digit_clip_batch_size})\n")
     print(md_table(rows))
+    if args.profile:
+        print(f"\nA training step by operator (self CPU time, {args.profile} profiled steps):\n")
+        print(md_table(operator_profile(cfg, splits, args.profile)))
 
 
 if __name__ == "__main__":
