@@ -66,7 +66,8 @@ def one(name: str, overrides: dict, epochs: int, per_class: int, judge, guidance
     for w in guidances or [s.guidance_scale]:
         t0 = time.perf_counter()
         images = draw(ema, tr.diffusion, labels, s.sampler, s.steps, s.eta, w, cfg.seed + 10,
-                      (spec.channels, spec.size, spec.size), s.batch_size, progress=False, interval=s.guidance_interval)
+                      (spec.channels, spec.size, spec.size), s.batch_size, progress=False, interval=s.guidance_interval,
+                      spacing=s.timestep_spacing)
         sample_s = time.perf_counter() - t0
         q = quality(to_uint8(images), labels, judge)
         rows.append({**trained, "guidance": w, "accuracy": q["accuracy"], "worst_digit_accuracy": q["worst_digit_accuracy"],

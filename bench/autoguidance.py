@@ -123,7 +123,8 @@ def main() -> None:
             for iv in intervals:
                 t0 = time.perf_counter()
                 images = draw(model, diffusion, labels, s.sampler, s.steps, s.eta, w, cfg.seed + 10,
-                              (spec.channels, spec.size, spec.size), s.batch_size, progress=False, interval=iv)
+                              (spec.channels, spec.size, spec.size), s.batch_size, progress=False, interval=iv,
+                              spacing=s.timestep_spacing)
                 q = quality(to_uint8(images), labels, judge)
                 rows.append({"model": good_key, "guide": g, "guidance": w, "interval": f"{iv[0]:g}-{iv[1]:g}", "images": len(labels),
                              "accuracy": q["accuracy"], "worst_digit_accuracy": q["worst_digit_accuracy"], "fd": q["fd"],

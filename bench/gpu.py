@@ -169,7 +169,7 @@ def time_to_quality(args, network: str, splits: dict, speed: dict, evaluate: Eva
 
     def draw_digits(model, labels):
         return draw(model, tr.diffusion, labels, s.sampler, s.steps, s.eta, s.guidance_scale, cfg.seed + 10, shape,
-                    s.batch_size, progress=False, interval=s.guidance_interval)
+                    s.batch_size, progress=False, interval=s.guidance_interval, spacing=s.timestep_spacing)
 
     def on_epoch(epoch: int, rec: dict, grid) -> None:
         nonlocal judging_s

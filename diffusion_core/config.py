@@ -106,6 +106,7 @@ class SampleConfig:
     per_class: int = 200
     sampler: str = "dpm++2m"  # ddpm | ddim | dpm++2m
     steps: int = 10  # ignored by ddpm, which always takes diffusion.timesteps steps
+    timestep_spacing: str = "trailing"  # trailing | logsnr | karras: which timesteps ddim and dpm++2m visit
     eta: float = 0.0  # DDIM stochasticity (0 = deterministic DDIM, 1 ~ DDPM)
     guidance_scale: float = 1.0  # w in eps = eps_c + w (eps_c - eps_u); 0 = purely conditional
     # [lo, hi]: guide only where lo <= t / (T - 1) <= hi (Kynkaanniemi et al. 2024); [0, 1] = every step
@@ -246,7 +247,7 @@ def validate(cfg: Config) -> Config:
     """Range and cross-field checks. Raises :class:`ConfigError` naming the key."""
     # Imported here: these modules import config themselves.
     from diffusion_core.data import DATASETS
-    from diffusion_core.samplers import SAMPLERS, sampler_spec
+    from diffusion_core.samplers import SAMPLERS, TIMESTEP_SPACINGS, sampler_spec
 
     w = cfg.sweep
     _check(w.per_class > 0, f"sweep.per_class must be > 0, got {w.per_class}")
@@ -342,6 +343,10 @@ def validate(cfg: Config) -> Config:
     _check(
         1 <= s.steps <= df.timesteps,
         f"sample.steps must be in [1, diffusion.timesteps={df.timesteps}], got {s.steps}",
+    )
+    _check(
+        s.timestep_spacing in TIMESTEP_SPACINGS,
+        f"sample.timestep_spacing must be one of {', '.join(TIMESTEP_SPACINGS)}, got {s.timestep_spacing!r}",
     )
     _check(0 <= s.eta <= 1, f"sample.eta must be in [0, 1], got {s.eta}")
     _check(s.guidance_scale >= 0, f"sample.guidance_scale must be >= 0, got {s.guidance_scale}")

@@ -32,6 +32,9 @@ from diffusion_core.progress import progress_bar
 from diffusion_core.diffusion import GaussianDiffusion
 
 
+TIMESTEP_SPACINGS = ("trailing", "logsnr", "karras")
+
+
 def trailing_timesteps(timesteps: int, num_steps: int) -> torch.Tensor:
     """``num_steps`` descending timesteps ending near 0 and starting at T-1 ("trailing" spacing)."""
     if not 1 <= num_steps <= timesteps:
@@ -40,19 +43,56 @@ def trailing_timesteps(timesteps: int, num_steps: int) -> torch.Tensor:
     return ts[:num_steps]
 
 
+def spaced_timesteps(alpha_bar: torch.Tensor, num_steps: int, spacing: str = "trailing", rho: float = 7.0) -> torch.Tensor:
+    """``num_steps`` descending timesteps from T-1, spaced by ``spacing``:
+
+    * ``trailing``: evenly in t, the last one at about T/num_steps (diffusers' "trailing");
+    * ``logsnr``: evenly in log-SNR, lambda = log(alpha / sigma), from t = T-1 down to t = 0, as
+      DPM-Solver's "logSNR" time steps (Lu et al. 2022);
+    * ``karras``: sigma = sqrt((1 - alpha_bar) / alpha_bar) from its largest to its smallest value
+      with rho = 7 (Karras et al. 2022, diffusers' ``use_karras_sigmas``).
+
+    The last two put more of the steps at low noise, where fine strokes are drawn. Each target is
+    rounded to the discrete t of nearest log-sigma and the list is kept strictly decreasing.
+    """
+    T = len(alpha_bar)
+    if spacing == "trailing":
+        return trailing_timesteps(T, num_steps)
+    if spacing not in TIMESTEP_SPACINGS:
+        raise ValueError(f"sample.timestep_spacing must be one of {list(TIMESTEP_SPACINGS)}, got {spacing!r}")
+    if not 1 <= num_steps <= T:
+        raise ValueError(f"sample.steps must be in [1, {T}], got {num_steps}")
+    ab = alpha_bar.double().cpu()
+    log_sigma = 0.5 * torch.log((1 - ab) / ab)  # = -lambda, increasing in t
+    r = torch.linspace(0, 1, num_steps, dtype=torch.float64)
+    if spacing == "logsnr":
+        targets = log_sigma[-1] + r * (log_sigma[0] - log_sigma[-1])
+    else:
+        s_max, s_min = log_sigma[-1].exp() ** (1 / rho), log_sigma[0].exp() ** (1 / rho)
+        targets = (rho * torch.log(s_max + r * (s_min - s_max)))
+    ts = (log_sigma[None, :] - targets[:, None]).abs().argmin(1).tolist()
+    ts[0] = T - 1
+    for i in range(1, num_steps):  # strictly decreasing ...
+        ts[i] = min(ts[i], ts[i - 1] - 1)
+    for i in range(num_steps - 1, -1, -1):  # ... and never below 0
+        ts[i] = max(ts[i], num_steps - 1 - i)
+    return torch.tensor(ts, dtype=torch.long)
+
+
 class Scheduler:
     """Base class: holds alpha_bar (float64, on CPU) and the visited timesteps."""
 
     name = "base"
     stochastic = False
 
-    def __init__(self, diffusion: GaussianDiffusion, num_steps: int | None = None) -> None:
+    def __init__(self, diffusion: GaussianDiffusion, num_steps: int | None = None, spacing: str = "trailing") -> None:
         self.T = diffusion.timesteps
         self.alpha_bar = diffusion.alpha_bar.detach().double().cpu()
+        self.spacing = spacing
         self.set_timesteps(num_steps or self.T)
 
     def set_timesteps(self, num_steps: int) -> None:
-        self.timesteps = trailing_timesteps(self.T, num_steps)
+        self.timesteps = spaced_timesteps(self.alpha_bar, num_steps, self.spacing)
         self.prev_timesteps = torch.cat([self.timesteps[1:], torch.tensor([-1])])
         self.reset()
 
@@ -92,10 +132,10 @@ class DDIMScheduler(Scheduler):
 
     name = "ddim"
 
-    def __init__(self, diffusion: GaussianDiffusion, num_steps: int | None = None, eta: float = 0.0) -> None:
+    def __init__(self, diffusion: GaussianDiffusion, num_steps: int | None = None, eta: float = 0.0, spacing: str = "trailing") -> None:
         self.eta = eta
         self.stochastic = eta > 0
-        super().__init__(diffusion, num_steps)
+        super().__init__(diffusion, num_steps, spacing)
 
     def step(self, eps, x0, t, s, x_t, noise):
         ab_t, ab_s = self.ab(t), self.ab(s)
@@ -151,15 +191,17 @@ def sampler_spec(entry: str, timesteps: int) -> tuple[str, int]:
     return name, int(steps)
 
 
-def make_scheduler(name: str, diffusion: GaussianDiffusion, steps: int | None = None, eta: float = 0.0) -> Scheduler:
-    """``ddpm`` always visits all T timesteps; ``ddim`` and ``dpm++2m`` visit ``steps`` of them."""
+def make_scheduler(name: str, diffusion: GaussianDiffusion, steps: int | None = None, eta: float = 0.0,
+                   spacing: str = "trailing") -> Scheduler:
+    """``ddpm`` always visits all T timesteps; ``ddim`` and ``dpm++2m`` visit ``steps`` of them,
+    spaced by ``spacing`` (:func:`spaced_timesteps`)."""
     if name not in SAMPLERS:
         raise ValueError(f"sample.sampler must be one of {sorted(SAMPLERS)}, got {name!r}")
     if name == "ddpm":
         return DDPMScheduler(diffusion, diffusion.timesteps)
     if name == "ddim":
-        return DDIMScheduler(diffusion, steps, eta=eta)
-    return DPMSolverPP2MScheduler(diffusion, steps)
+        return DDIMScheduler(diffusion, steps, eta=eta, spacing=spacing)
+    return DPMSolverPP2MScheduler(diffusion, steps, spacing=spacing)
 
 
 def guided_output(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor, w: float, null_class: int) -> torch.Tensor:

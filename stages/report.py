@@ -38,6 +38,7 @@ RUN_COLUMNS = {
     "params.model.base_channels": "width",
     "params.sample.sampler": "sampler",
     "params.sample.steps": "steps",
+    "params.sample.timestep_spacing": "spacing",
     "params.sample.guidance_scale": "guidance",
     "params.sample.guidance_interval": "guided t/T",
     "metrics.train/final_val_loss": "val loss",
@@ -47,6 +48,12 @@ RUN_COLUMNS = {
     "metrics.evaluate/digit-clip/frechet_distance": "FD",
     "metrics.sample/seconds_per_image": "s/image",
 }
+
+
+def steps_text(m_sample: dict) -> str:
+    """'10 steps', or '10 steps (logsnr spacing)' when the sampler did not visit evenly spaced timesteps."""
+    spacing = m_sample.get("timestep_spacing", "trailing")
+    return f"{m_sample['steps']} steps" + ("" if spacing in ("trailing", "every") else f" ({spacing} spacing)")
 
 
 def guidance_text(m_sample: dict) -> str:
@@ -126,7 +133,7 @@ def main(
                 ("model", f"U-Net, {count_parameters(model):,} parameters"),
                 ("diffusion", f"T={mcfg.diffusion.timesteps}, {mcfg.diffusion.schedule} schedule, predicts {mcfg.diffusion.prediction}"),
                 ("training", f"{m_train['steps']} steps ({m_train['epochs']} epochs, batch {mcfg.train.batch_size}) in {m_train['wall_time_s']:.0f} s on {m_train['device']} ({m_train['images_per_s']:.0f} images/s)"),
-                ("sampler", f"{m_sample['sampler']}, {m_sample['steps']} steps, {guidance_text(m_sample)}"),
+                ("sampler", f"{m_sample['sampler']}, {steps_text(m_sample)}, {guidance_text(m_sample)}"),
                 ("final validation loss", f"{m_train['final_val_loss']:.4f}"),
                 (f"judged accuracy ({cfg.clip.models[0]})", f"{head['accuracy_generated']:.1%} generated vs {head['accuracy_real']:.1%} real"),
                 (f"worst {cls}", f"{head['worst_class']} ({head['worst_class_accuracy']:.1%})"),
@@ -298,7 +305,7 @@ def main(
 
         # 7. Samples ------------------------------------------------------------------------------
         add("## 7. Samples\n")
-        add(f"One row per {cls}, {m_sample['sampler']} with {m_sample['steps']} steps and {guidance_text(m_sample)}.\n")
+        add(f"One row per {cls}, {m_sample['sampler']} with {steps_text(m_sample)} and {guidance_text(m_sample)}.\n")
         shutil.copy("samples/grid.png", fig_dir / "samples.png")
         add("![samples](figures/samples.png)\n")
 

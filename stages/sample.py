@@ -40,14 +40,15 @@ app = typer.Typer(add_completion=False)
 
 def draw(model, diffusion, labels: torch.Tensor, sampler: str, steps: int, eta: float, guidance: float,
          seed: int, shape: tuple[int, ...], batch_size: int, progress: bool = True,
-         interval: Sequence[float] = (0.0, 1.0)) -> torch.Tensor:
+         interval: Sequence[float] = (0.0, 1.0), spacing: str = "trailing") -> torch.Tensor:
     """Sample ``labels`` in batches with one seeded generator; returns [N, C, H, W] in [-1, 1].
-    ``guidance`` applies inside ``interval`` (fractions of the timesteps, see ``samplers.guidance_at``)."""
+    ``guidance`` applies inside ``interval`` (fractions of the timesteps, see ``samplers.guidance_at``);
+    ``spacing`` chooses the visited timesteps (``samplers.spaced_timesteps``)."""
     g = torch.Generator().manual_seed(seed)
     out = []
     batches = list(torch.split(labels, batch_size))
     for y in progress_bar(batches, desc=f"sampling ({sampler}, {len(labels)} images)", disable=not progress):
-        sched = make_scheduler(sampler, diffusion, steps, eta)
+        sched = make_scheduler(sampler, diffusion, steps, eta, spacing)
         out.append(sample(model, diffusion, sched, y, guidance, g, shape=shape, guidance_interval=interval).images)
     return torch.cat(out)
 
@@ -118,7 +119,7 @@ def main(
         shape = (info["channels"], info["size"], info["size"])
         labels = torch.full((count,), c, dtype=torch.long)
         images = draw(model, diffusion, labels, s.sampler, s.steps, s.eta, s.guidance_scale,
-                      cfg.seed + 10 if seed is None else seed, shape, s.batch_size, interval=interval)
+                      cfg.seed + 10 if seed is None else seed, shape, s.batch_size, interval=interval, spacing=s.timestep_spacing)
         save_grid(images, out, nrow=min(count, 8), scale=3)
         typer.echo(f"drew {count} x '{names[c]}' with {s.sampler} (w={s.guidance_scale} at t/T in {s.guidance_interval}) -> {out}")
         return
@@ -133,7 +134,7 @@ def main(
         labels = class_labels(len(names), s.per_class)
         t0 = time.perf_counter()
         images = draw(model, diffusion, labels, s.sampler, s.steps, s.eta, s.guidance_scale, cfg.seed + 10, shape, s.batch_size,
-                      interval=interval)
+                      interval=interval, spacing=s.timestep_spacing)
         seconds = time.perf_counter() - t0
         save_samples(out_dir / "samples.npz", images, labels, names)
         per_row = min(s.per_class, 10)
@@ -143,7 +144,7 @@ def main(
         traj_info = {}
         if s.trajectory_per_class:
             tl = class_labels(len(names), s.trajectory_per_class)
-            sched = make_scheduler(s.sampler, diffusion, s.steps, s.eta)
+            sched = make_scheduler(s.sampler, diffusion, s.steps, s.eta, s.timestep_spacing)
             g = torch.Generator().manual_seed(cfg.seed + 11)
             res = sample(model, diffusion, sched, tl, s.guidance_scale, g, shape=shape, trajectory_points=s.trajectory_points,
                          progress=True, guidance_interval=interval)
@@ -155,12 +156,13 @@ def main(
                 class_names=np.array(names),
             )
             traj_info = {"trajectory_images": len(tl), "trajectory_points": len(tr.fraction)}
-        timesteps = make_scheduler(s.sampler, diffusion, s.steps).timesteps.tolist()
+        timesteps = make_scheduler(s.sampler, diffusion, s.steps, s.eta, s.timestep_spacing).timesteps.tolist()
         nfe = len(timesteps)
         guided = sum(guidance_at(t, diffusion.timesteps, s.guidance_scale, interval) > 0 for t in timesteps)
         summary = {
             "sampler": s.sampler,
             "steps": nfe,
+            "timestep_spacing": s.timestep_spacing if s.sampler != "ddpm" else "every",
             "guidance_scale": s.guidance_scale,
             "guidance_interval": interval,
             "guided_steps": guided,

@@ -58,7 +58,7 @@ def main(
         if (sampler, steps, g) not in drawn:  # the default sampler at the default w is in both sweeps: draw it once
             t0 = time.perf_counter()
             images = draw(model, diffusion, labels, sampler, steps, s.eta, g, cfg.seed + 20, shape, s.batch_size, progress=False,
-                          interval=s.guidance_interval)
+                          interval=s.guidance_interval, spacing=s.timestep_spacing)
             drawn[sampler, steps, g] = images, time.perf_counter() - t0
         images, seconds = drawn[sampler, steps, g]
         emb, score, pred = judge_images(judge, images, labels, text, cfg.clip.batch_size)

@@ -19,6 +19,7 @@ from diffusion_core.data import DataError, build_splits, load_split, save_splits
         ({"sample": {"guidance_scale": -1}}, "sample.guidance_scale must be >= 0"),
         ({"sample": {"guidance_interval": [0.6, 0.2]}}, "sample.guidance_interval must be [lo, hi] with 0 <= lo <= hi <= 1"),
         ({"sample": {"guidance_interval": [0.5]}}, "sample.guidance_interval must be [lo, hi]"),
+        ({"sample": {"timestep_spacing": "leading"}}, "sample.timestep_spacing must be one of trailing, logsnr, karras, got 'leading'"),
         ({"sample": {"steps": 2000}}, "sample.steps must be in [1, diffusion.timesteps=1000]"),
         ({"sample": {"sampler": "euler"}}, "sample.sampler must be one of"),
         ({"model": {"attention_resolutions": [5]}}, "model.attention_resolutions: 5 is not a resolution"),

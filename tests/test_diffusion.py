@@ -15,6 +15,7 @@ from diffusion_core.samplers import (
     make_scheduler,
     record_indices,
     sample,
+    spaced_timesteps,
     trailing_timesteps,
 )
 from diffusion_core.schedule import cosine_betas, linear_betas
@@ -91,11 +92,13 @@ class Oracle(nn.Module):
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v"])
-@pytest.mark.parametrize("name,steps", [("ddpm", None), ("ddim", 10), ("dpm++2m", 10), ("ddim", 1)])
-def test_sampler_with_true_noise_oracle_recovers_x0(name, steps, prediction):
+@pytest.mark.parametrize("name,steps,spacing", [("ddpm", None, "trailing"), ("ddim", 10, "trailing"), ("dpm++2m", 10, "trailing"),
+                                                ("ddim", 1, "trailing"), ("ddim", 10, "logsnr"), ("dpm++2m", 10, "logsnr"),
+                                                ("dpm++2m", 10, "karras")])
+def test_sampler_with_true_noise_oracle_recovers_x0(name, steps, spacing, prediction):
     d = GaussianDiffusion(timesteps=200, prediction=prediction)
     x0 = torch.rand(5, 1, 6, 6) * 1.8 - 0.9
-    sched = make_scheduler(name, d, steps)
+    sched = make_scheduler(name, d, steps, spacing=spacing)
     res = sample(Oracle(d, x0), d, sched, torch.zeros(5, dtype=torch.long), 0.0,
                  torch.Generator().manual_seed(0), shape=(1, 6, 6), trajectory_points=5)
     assert torch.allclose(res.images, x0, atol=1e-3)
@@ -118,6 +121,32 @@ def test_ddpm_visits_every_timestep_and_others_visit_steps():
     assert record_indices(20, 11) == [0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20]
 
 
+def test_logsnr_and_karras_spacings_put_steps_at_low_noise():
+    d = GaussianDiffusion(timesteps=1000)
+    lam = 0.5 * torch.log(d.alpha_bar.double() / (1 - d.alpha_bar.double()))
+    trailing = spaced_timesteps(d.alpha_bar, 10, "trailing")
+    assert torch.equal(trailing, trailing_timesteps(1000, 10))
+    for spacing in ("logsnr", "karras"):
+        ts = spaced_timesteps(d.alpha_bar, 10, spacing)
+        assert len(ts) == 10 and ts[0] == 999 and ts[-1] == 0 and torch.all(ts[1:] < ts[:-1])
+        assert (ts < 100).sum() >= 2 and (trailing < 100).sum() == 1  # trailing's last step is t = 99
+        assert make_scheduler("dpm++2m", d, 10, spacing=spacing).timesteps.tolist() == ts.tolist()
+    gaps = lam[spaced_timesteps(d.alpha_bar, 10, "logsnr")].diff()
+    assert gaps.min() > 0.8 * gaps.mean() and gaps.max() < 1.2 * gaps.mean()  # even in log-SNR, up to rounding t
+    # as many steps as timesteps: every t once, whatever the spacing would round to
+    assert spaced_timesteps(d.alpha_bar, 1000, "karras").tolist() == list(range(999, -1, -1))
+    assert spaced_timesteps(d.alpha_bar, 1, "logsnr").tolist() == [999]
+    with pytest.raises(ValueError, match="sample.timestep_spacing must be one of"):
+        spaced_timesteps(d.alpha_bar, 10, "leading")
+    with pytest.raises(ValueError, match="sample.steps"):
+        spaced_timesteps(d.alpha_bar, 1001, "logsnr")
+    from stages.report import steps_text  # the report names a spacing other than the even one
+
+    assert steps_text({"steps": 10, "timestep_spacing": "trailing"}) == "10 steps"
+    assert steps_text({"steps": 10}) == "10 steps"  # metrics written before the option existed
+    assert steps_text({"steps": 10, "timestep_spacing": "logsnr"}) == "10 steps (logsnr spacing)"
+
+
 def test_samplers_are_seeded_and_reproducible():
     torch.manual_seed(0)
     from diffusion_core.unet import UNet
@@ -132,6 +161,13 @@ def test_samplers_are_seeded_and_reproducible():
     for name in SAMPLERS:
         assert torch.equal(run(1, name), run(1, name))
         assert not torch.equal(run(1, name), run(2, name))
+    # the sample stage's draw() passes sample.timestep_spacing through: trailing is the default
+    from stages.sample import draw
+
+    drawn = {sp: draw(model, d, labels, "dpm++2m", 5, 0.0, 2.0, 1, (1, 28, 28), 10, progress=False, spacing=sp)
+             for sp in ("trailing", "logsnr")}
+    assert torch.equal(drawn["trailing"], run(1, "dpm++2m"))
+    assert not torch.equal(drawn["logsnr"], drawn["trailing"])
 
 
 def test_guidance_zero_is_the_conditional_output_and_w_mixes_in_one_pass():

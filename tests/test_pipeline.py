@@ -164,6 +164,7 @@ def test_report_has_every_section_and_figure_and_its_numbers_come_from_the_metri
     assert sample["guidance_interval"] == [0.0, 0.5] and sample["guided_steps"] == 2
     assert sample["network_evaluations_per_image"] == 7
     assert f"guidance w={sample['guidance_scale']} at the 2 of 5 steps with t/T in [0, 0.5]" in report
+    assert sample["timestep_spacing"] == "trailing" and "dpm++2m, 5 steps, guidance" in report
     run_id = json.loads((dst / "evaluation/run.json").read_text())["run_id"]
     assert run_id in report
     # the easiest/hardest paragraph is filled from the ranking table
