@@ -191,8 +191,25 @@ def git_commit(root: Path | None = None) -> str:
         return "unknown"
 
 
+# What decides a run's results besides params.yaml (whose values every run logs): a run made with
+# uncommitted changes to these is not reproducible from its git commit alone.
+CODE_PATHS = ("stages", "diffusion_core", "dvc.yaml", "pyproject.toml")
+
+
+def uncommitted_code(root: Path | None = None) -> list[str]:
+    """Tracked files under :data:`CODE_PATHS` that differ from the git commit (empty when clean or
+    not in a git checkout). The pipeline's own outputs (``dvc.lock``, ``reports/``) are not code."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHS],
+                             cwd=root or Path.cwd(), capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return sorted(line[3:] for line in out.stdout.splitlines() if len(line) > 3) if out.returncode == 0 else []
+
+
 def run_tags() -> dict[str, str]:
-    tags = {"git_commit": git_commit(), "mlflow.source.name": "dvc pipeline"}
+    changed = uncommitted_code()
+    tags = {"git_commit": git_commit(), "git_uncommitted_code": ", ".join(changed) or "none", "mlflow.source.name": "dvc pipeline"}
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
     if os.environ.get("DVC_EXP_BASELINE_REV"):

@@ -50,6 +50,11 @@ RUN_COLUMNS = {
 }
 
 
+def commit_text(commit: str, changed: list[str]) -> str:
+    """The git commit, flagged when the code differs from it (the run is then not reproducible from it)."""
+    return f"`{commit}`" + (f" with uncommitted changes to {', '.join(f'`{c}`' for c in changed)}" if changed else "")
+
+
 def steps_text(m_sample: dict) -> str:
     """'10 steps', or '10 steps (logsnr spacing)' when the sampler did not visit evenly spaced timesteps."""
     spacing = m_sample.get("timestep_spacing", "trailing")
@@ -138,7 +143,7 @@ def main(
                 (f"judged accuracy ({cfg.clip.models[0]})", f"{head['accuracy_generated']:.1%} generated vs {head['accuracy_real']:.1%} real"),
                 (f"worst {cls}", f"{head['worst_class']} ({head['worst_class_accuracy']:.1%})"),
                 ("MLflow run", f"`{run_id}`"),
-                ("git commit", f"`{tracking.git_commit()}`"),
+                ("git commit", commit_text(tracking.git_commit(), tracking.uncommitted_code())),
             ],
             columns=["", "value"],
         )

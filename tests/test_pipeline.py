@@ -43,6 +43,28 @@ def repo(tmp_path_factory):
     return dst, env, first
 
 
+def test_runs_from_uncommitted_code_are_flagged(tmp_path):
+    from diffusion_core.tracking import uncommitted_code
+    from stages.report import commit_text
+
+    assert uncommitted_code(tmp_path) == []  # not a git checkout
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "stages" / "train.py").write_text("x = 1\n")
+    (tmp_path / "params.yaml").write_text("seed: 0\n")
+    (tmp_path / "dvc.lock").write_text("a\n")
+    run(["git", "init", "-q"], tmp_path)
+    run(["git", "add", "-A"], tmp_path)
+    run(["git", "-c", "user.email=ci@example.com", "-c", "user.name=ci", "commit", "-qm", "init"], tmp_path)
+    assert uncommitted_code(tmp_path) == []
+    (tmp_path / "params.yaml").write_text("seed: 1\n")  # params are logged with every run; outputs are not code
+    (tmp_path / "dvc.lock").write_text("b\n")
+    assert uncommitted_code(tmp_path) == []
+    (tmp_path / "stages" / "train.py").write_text("x = 2\n")
+    assert uncommitted_code(tmp_path) == ["stages/train.py"]
+    assert commit_text("abc", ["stages/train.py"]) == "`abc` with uncommitted changes to `stages/train.py`"
+    assert commit_text("abc", []) == "`abc`"
+
+
 def mlflow_runs(db: Path):
     con = sqlite3.connect(db)
     try:
@@ -90,6 +112,7 @@ def test_repro_produces_every_out_and_one_mlflow_run(repo):
         assert n_loss == 20  # one point per step
         tags = dict(con.execute("select key, value from tags where run_uuid=?", (run_id,)).fetchall())
         assert tags["stage.report"] == "done" and len(tags["git_commit"]) == 40
+        assert tags["git_uncommitted_code"] == "none"  # the copy's code is committed
     finally:
         con.close()
     # artifacts live beside the database, whatever folder a stage ran in
@@ -167,6 +190,7 @@ def test_report_has_every_section_and_figure_and_its_numbers_come_from_the_metri
     assert sample["timestep_spacing"] == "trailing" and "dpm++2m, 5 steps, guidance" in report
     run_id = json.loads((dst / "evaluation/run.json").read_text())["run_id"]
     assert run_id in report
+    assert "| git commit | `" in report and "uncommitted changes" not in report
     # the easiest/hardest paragraph is filled from the ranking table
     import pandas as pd
 
