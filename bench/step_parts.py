@@ -2,7 +2,7 @@
 the per-epoch extras, one digit-clip step (with and without the compact vocabulary), and the
 MLflow start-up that every stage pays.
 
-    python bench/step_parts.py [--rounds 20] [--profile 20]
+    python bench/step_parts.py [--rounds 20] [--profile 20]   # --profile: both steps by operator (torch.profiler)
 
 Parts are timed in interleaved rounds (each part once per round, in turn), so a slow spell of the
 machine hits them alike; the table gives medians over the rounds in milliseconds. The data is
@@ -63,14 +63,12 @@ def _trainer_parts(cfg, splits, rounds: int, out: str) -> dict[str, list[float]]
     }
     for _ in range(5):
         tr._train_step(x, y)
-    times = {k: [] for k in parts}
-    for _ in range(rounds):
-        for k, fn in parts.items():
-            times[k].append(ms(fn))
-    return times
+    return interleaved(parts, rounds)
 
 
-def digit_clip_steps(cfg, splits, rounds: int) -> dict[str, list[float]]:
+def digit_clip_steps(cfg, splits) -> dict:
+    """One digit-clip training step as the stage runs it, with and without the compact vocabulary:
+    {name: step function} (each after 5 warm-up steps)."""
     from open_clip.loss import ClipLoss
 
     c = cfg.clip
@@ -95,32 +93,41 @@ def digit_clip_steps(cfg, splits, rounds: int) -> dict[str, list[float]]:
         for _ in range(5):
             step()
         steps[name] = step
-    times = {k: [] for k in steps}
+    return steps
+
+
+def interleaved(parts: dict, rounds: int) -> dict[str, list[float]]:
+    """Each part once per round, in turn, ``rounds`` times: {part: milliseconds per round}."""
+    times = {k: [] for k in parts}
     for _ in range(rounds):
-        for k, fn in steps.items():
+        for k, fn in parts.items():
             times[k].append(ms(fn))
     return times
 
 
-def operator_profile(cfg, splits, steps: int, top: int = 12) -> list[dict]:
-    """torch.profiler over ``steps`` whole Trainer steps: self CPU time per step of the ``top``
-    operators, and of all convolution operators (forward and backward) together."""
+def operator_profile(step, steps: int, top: int = 12, group: str = "convolution") -> list[dict]:
+    """torch.profiler over ``steps`` calls of ``step``: self CPU time per step of the ``top``
+    operators, and of all operators whose name contains ``group`` (forward and backward) together."""
     from torch.profiler import ProfilerActivity, profile
 
-    with tempfile.TemporaryDirectory() as out:
-        tr = Trainer(cfg, splits["train"], splits["val"], DATASETS[cfg.data.source].trainer_info, out, progress=False)
-        x, y = tr.x_train[: tr.batch_size], tr.y_train[: tr.batch_size]
-        for _ in range(5):
-            tr._train_step(x, y)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(steps):
-                tr._train_step(x, y)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
     ops = [(e.key, e.self_cpu_time_total / 1000 / steps) for e in prof.key_averages()]
     total = sum(t for _, t in ops)
     rows = [{"operator": k, "self_ms_per_step": t, "share": t / total} for k, t in sorted(ops, key=lambda o: -o[1])[:top]]
-    conv = sum(t for k, t in ops if "convolution" in k)
-    return rows + [{"operator": "all convolution operators", "self_ms_per_step": conv, "share": conv / total},
+    grouped = sum(t for k, t in ops if group in k)
+    return rows + [{"operator": f"all {group} operators", "self_ms_per_step": grouped, "share": grouped / total},
                    {"operator": "all operators", "self_ms_per_step": total, "share": 1.0}]
+
+
+def trainer_step(cfg, splits, out: str):
+    """A whole Trainer step on one fixed batch, after 5 warm-up steps."""
+    tr = Trainer(cfg, splits["train"], splits["val"], DATASETS[cfg.data.source].trainer_info, out, progress=False)
+    x, y = tr.x_train[: tr.batch_size], tr.y_train[: tr.batch_size]
+    for _ in range(5):
+        tr._train_step(x, y)
+    return lambda: tr._train_step(x, y)
 
 
 MLFLOW_START = """
@@ -154,7 +161,7 @@ def main() -> None:
     cfg = load_config(args.params)
     d = cfg.data
     splits = build_splits(d.source, d.root, cfg.seed, d.val_fraction, d.test_fraction, d.download, d.limit)
-    times = {**trainer_parts(cfg, splits, args.rounds), **digit_clip_steps(cfg, splits, args.rounds), **mlflow_start(args.rounds)}
+    times = {**trainer_parts(cfg, splits, args.rounds), **interleaved(digit_clip_steps(cfg, splits), args.rounds), **mlflow_start(args.rounds)}
     rows = [{"part": k, "rounds": len(v), "median_ms": statistics.median(v), "min_ms": min(v), "max_ms": max(v)} for k, v in times.items()]
     print(f"Machine: {machine()}")
     profile = f" --profile {args.profile}" if args.profile else ""
@@ -162,8 +169,12 @@ def main() -> None:
           f"digit-clip batch {cfg.clip.digit_clip_batch_size})\n")
     print(md_table(rows))
     if args.profile:
-        print(f"\nA training step by operator (self CPU time, {args.profile} profiled steps):\n")
-        print(md_table(operator_profile(cfg, splits, args.profile)))
+        with tempfile.TemporaryDirectory() as out:
+            print(f"\nA training step by operator (self CPU time, {args.profile} profiled steps):\n")
+            print(md_table(operator_profile(trainer_step(cfg, splits, out), args.profile)))
+        clip_step = digit_clip_steps(cfg, splits)["digit-clip step: compact vocabulary"]
+        print(f"\nA digit-clip step (compact vocabulary) by operator (self CPU time, {args.profile} profiled steps):\n")
+        print(md_table(operator_profile(clip_step, args.profile, group="attention")))
 
 
 if __name__ == "__main__":
