@@ -1,3 +1,6 @@
+import dataclasses
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -58,6 +61,55 @@ def test_defaults_valid_and_params_yaml_loads(tmp_path):
         load_config(p)
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def params_read_by(source: str) -> set[str]:
+    """The params.yaml keys a stage script reads: ``cfg.seed``, ``cfg.GROUP.KEY``, and ``ALIAS.KEY``
+    after ``ALIAS = cfg.GROUP`` (also in tuple assignments such as ``w, s = cfg.sweep, cfg.sample``)."""
+    import ast
+
+    groups = {f.name for f in dataclasses.fields(Config)} - {"seed"}
+    is_group = lambda v: isinstance(v, ast.Attribute) and isinstance(v.value, ast.Name) and v.value.id == "cfg" and v.attr in groups  # noqa: E731
+    tree = ast.parse(source)
+    alias = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign):
+            target, value = node.targets[0], node.value
+            pairs = zip(target.elts, value.elts) if isinstance(target, ast.Tuple) and isinstance(value, ast.Tuple) else [(target, value)]
+            alias.update({t.id: v.attr for t, v in pairs if isinstance(t, ast.Name) and is_group(v)})
+    used = set()
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Attribute):
+            continue
+        if is_group(node.value):
+            used.add(f"{node.value.attr}.{node.attr}")
+        elif isinstance(node.value, ast.Name) and node.value.id in alias:
+            used.add(f"{alias[node.value.id]}.{node.attr}")
+        elif isinstance(node.value, ast.Name) and node.value.id == "cfg" and node.attr == "seed":
+            used.add("seed")
+    return used
+
+
+def test_every_param_a_stage_reads_is_declared_for_it_in_dvc_yaml():
+    """Otherwise `dvc exp run -S KEY=...` leaves that stage's outputs stale (sweep once drew with
+    sample.timestep_spacing without declaring it)."""
+    import re
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    checked = 0
+    for name, stage in stages.items():
+        module = re.fullmatch(r"python -m stages\.(\w+)", stage["cmd"]).group(1)
+        declared = set(stage.get("params", []))
+        used = params_read_by((root / "stages" / f"{module}.py").read_text())
+        missing = sorted(k for k in used if k not in declared and k.split(".")[0] not in declared)
+        assert not missing, f"dvc.yaml stage {name!r} does not declare {missing}"
+        checked += len(used)
+    assert checked > 30  # the scan finds the reads (a broken scan would pass vacuously)
+    assert params_read_by("w, s = cfg.sweep, cfg.sample\nx = s.timestep_spacing + w.per_class + cfg.seed + cfg.train.lr") == {
+        "sample.timestep_spacing", "sweep.per_class", "seed", "train.lr"}
 
 
 def test_stratified_split_is_deterministic_and_disjoint():
