@@ -36,7 +36,7 @@ from diffusion_core.data import DATASETS, build_splits, to_uint8  # noqa: E402
 from diffusion_core.samplers import class_labels  # noqa: E402
 from diffusion_core.tracking import stage_params  # noqa: E402
 from diffusion_core.trainer import Trainer  # noqa: E402
-from stages.sample import draw  # noqa: E402
+from stages.sample import draw_configured  # noqa: E402
 
 
 class AutoGuided(torch.nn.Module):
@@ -122,9 +122,8 @@ def main() -> None:
         for w in (float(v) for v in args.guidance.split(",")):
             for iv in intervals:
                 t0 = time.perf_counter()
-                images = draw(model, diffusion, labels, s.sampler, s.steps, s.eta, w, cfg.seed + 10,
-                              (spec.channels, spec.size, spec.size), s.batch_size, progress=False, interval=iv,
-                              spacing=s.timestep_spacing)
+                images = draw_configured(model, diffusion, labels, s, cfg.seed + 10, (spec.channels, spec.size, spec.size),
+                                         guidance=w, interval=iv, progress=False)
                 q = quality(to_uint8(images), labels, judge)
                 rows.append({"model": good_key, "guide": g, "guidance": w, "interval": f"{iv[0]:g}-{iv[1]:g}", "images": len(labels),
                              "accuracy": q["accuracy"], "worst_digit_accuracy": q["worst_digit_accuracy"], "fd": q["fd"],

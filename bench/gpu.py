@@ -47,7 +47,7 @@ from diffusion_core.data import DATASETS, build_splits, to_uint8  # noqa: E402
 from diffusion_core.samplers import class_labels  # noqa: E402
 from diffusion_core.trainer import Trainer, resolve_device  # noqa: E402
 from diffusion_core.unet import count_parameters  # noqa: E402
-from stages.sample import draw  # noqa: E402
+from stages.sample import draw_configured  # noqa: E402
 
 # The README's "Full MNIST on a GPU" preset (tests/test_bench_gpu.py checks that they agree).
 GPU_PRESET: dict[str, Any] = {
@@ -168,8 +168,7 @@ def time_to_quality(args, network: str, splits: dict, speed: dict, evaluate: Eva
     start, judging_s = 0.0, 0.0  # the training clock excludes the judging
 
     def draw_digits(model, labels):
-        return draw(model, tr.diffusion, labels, s.sampler, s.steps, s.eta, s.guidance_scale, cfg.seed + 10, shape,
-                    s.batch_size, progress=False, interval=s.guidance_interval, spacing=s.timestep_spacing)
+        return draw_configured(model, tr.diffusion, labels, s, cfg.seed + 10, shape, progress=False)
 
     def on_epoch(epoch: int, rec: dict, grid) -> None:
         nonlocal judging_s

@@ -42,9 +42,17 @@ def trainer_parts(cfg, splits, rounds: int) -> dict[str, list[float]]:
         return _trainer_parts(cfg, splits, rounds, out)
 
 
-def _trainer_parts(cfg, splits, rounds: int, out: str) -> dict[str, list[float]]:
+def warm_trainer(cfg, splits, out: str):
+    """The Trainer as the train stage builds it, one fixed batch of its data, after 5 warm-up steps."""
     tr = Trainer(cfg, splits["train"], splits["val"], DATASETS[cfg.data.source].trainer_info, out, progress=False)
     x, y = tr.x_train[: tr.batch_size], tr.y_train[: tr.batch_size]
+    for _ in range(5):
+        tr._train_step(x, y)
+    return tr, x, y
+
+
+def _trainer_parts(cfg, splits, rounds: int, out: str) -> dict[str, list[float]]:
+    tr, x, y = warm_trainer(cfg, splits, out)
 
     def forward_backward():
         loss = tr.diffusion(tr.net, x, y, tr.tc.cond_drop_prob, tr.noise_gen)
@@ -61,8 +69,6 @@ def _trainer_parts(cfg, splits, rounds: int, out: str) -> dict[str, list[float]]
         "per epoch: fixed-noise grid": lambda: tr.sample_grid(1),
         "per epoch: checkpoint": tr.save_checkpoint,
     }
-    for _ in range(5):
-        tr._train_step(x, y)
     return interleaved(parts, rounds)
 
 
@@ -121,15 +127,6 @@ def operator_profile(step, steps: int, top: int = 12, group: str = "convolution"
                    {"operator": "all operators", "self_ms_per_step": total, "share": 1.0}]
 
 
-def trainer_step(cfg, splits, out: str):
-    """A whole Trainer step on one fixed batch, after 5 warm-up steps."""
-    tr = Trainer(cfg, splits["train"], splits["val"], DATASETS[cfg.data.source].trainer_info, out, progress=False)
-    x, y = tr.x_train[: tr.batch_size], tr.y_train[: tr.batch_size]
-    for _ in range(5):
-        tr._train_step(x, y)
-    return lambda: tr._train_step(x, y)
-
-
 MLFLOW_START = """
 import time, sys
 t = time.perf_counter()
@@ -171,7 +168,8 @@ def main() -> None:
     if args.profile:
         with tempfile.TemporaryDirectory() as out:
             print(f"\nA training step by operator (self CPU time, {args.profile} profiled steps):\n")
-            print(md_table(operator_profile(trainer_step(cfg, splits, out), args.profile)))
+            tr, x, y = warm_trainer(cfg, splits, out)
+            print(md_table(operator_profile(lambda: tr._train_step(x, y), args.profile)))
         clip_step = digit_clip_steps(cfg, splits)["digit-clip step: compact vocabulary"]
         print(f"\nA digit-clip step (compact vocabulary) by operator (self CPU time, {args.profile} profiled steps):\n")
         print(md_table(operator_profile(clip_step, args.profile, group="attention")))

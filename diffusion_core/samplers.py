@@ -69,7 +69,7 @@ def spaced_timesteps(alpha_bar: torch.Tensor, num_steps: int, spacing: str = "tr
         targets = log_sigma[-1] + r * (log_sigma[0] - log_sigma[-1])
     else:
         s_max, s_min = log_sigma[-1].exp() ** (1 / rho), log_sigma[0].exp() ** (1 / rho)
-        targets = (rho * torch.log(s_max + r * (s_min - s_max)))
+        targets = rho * torch.log(s_max + r * (s_min - s_max))
     ts = (log_sigma[None, :] - targets[:, None]).abs().argmin(1).tolist()
     ts[0] = T - 1
     for i in range(1, num_steps):  # strictly decreasing ...

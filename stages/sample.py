@@ -53,6 +53,14 @@ def draw(model, diffusion, labels: torch.Tensor, sampler: str, steps: int, eta: 
     return torch.cat(out)
 
 
+def draw_configured(model, diffusion, labels: torch.Tensor, s, seed: int, shape: tuple[int, ...], guidance: float | None = None,
+                    interval: Sequence[float] | None = None, progress: bool = True) -> torch.Tensor:
+    """:func:`draw` as the ``sample`` group of params.yaml (``s``, a SampleConfig) says: its sampler,
+    steps, eta, timestep spacing and batch size; ``guidance`` and ``interval`` replace its own."""
+    return draw(model, diffusion, labels, s.sampler, s.steps, s.eta, s.guidance_scale if guidance is None else guidance, seed, shape,
+                s.batch_size, progress=progress, interval=s.guidance_interval if interval is None else interval, spacing=s.timestep_spacing)
+
+
 def resolve_class(names: list[str], klass: str | None, digit: int | None) -> int | None:
     """The class index asked for by ``--class`` (a name, any case, or an index) or ``--digit``."""
     if klass is not None and digit is not None:
@@ -118,8 +126,7 @@ def main(
             out = Path("digits.png" if digits else "".join(ch if ch.isalnum() else "-" for ch in names[c].lower()) + ".png")
         shape = (info["channels"], info["size"], info["size"])
         labels = torch.full((count,), c, dtype=torch.long)
-        images = draw(model, diffusion, labels, s.sampler, s.steps, s.eta, s.guidance_scale,
-                      cfg.seed + 10 if seed is None else seed, shape, s.batch_size, interval=interval, spacing=s.timestep_spacing)
+        images = draw_configured(model, diffusion, labels, s, cfg.seed + 10 if seed is None else seed, shape)
         save_grid(images, out, nrow=min(count, 8), scale=3)
         typer.echo(f"drew {count} x '{names[c]}' with {s.sampler} (w={s.guidance_scale} at t/T in {s.guidance_interval}) -> {out}")
         return
@@ -133,8 +140,7 @@ def main(
 
         labels = class_labels(len(names), s.per_class)
         t0 = time.perf_counter()
-        images = draw(model, diffusion, labels, s.sampler, s.steps, s.eta, s.guidance_scale, cfg.seed + 10, shape, s.batch_size,
-                      interval=interval, spacing=s.timestep_spacing)
+        images = draw_configured(model, diffusion, labels, s, cfg.seed + 10, shape)
         seconds = time.perf_counter() - t0
         save_samples(out_dir / "samples.npz", images, labels, names)
         per_row = min(s.per_class, 10)
@@ -142,9 +148,9 @@ def main(
         save_grid(first, out_dir / "grid.png", nrow=per_row)
 
         traj_info = {}
+        sched = make_scheduler(s.sampler, diffusion, s.steps, s.eta, s.timestep_spacing)
         if s.trajectory_per_class:
             tl = class_labels(len(names), s.trajectory_per_class)
-            sched = make_scheduler(s.sampler, diffusion, s.steps, s.eta, s.timestep_spacing)
             g = torch.Generator().manual_seed(cfg.seed + 11)
             res = sample(model, diffusion, sched, tl, s.guidance_scale, g, shape=shape, trajectory_points=s.trajectory_points,
                          progress=True, guidance_interval=interval)
@@ -156,7 +162,7 @@ def main(
                 class_names=np.array(names),
             )
             traj_info = {"trajectory_images": len(tl), "trajectory_points": len(tr.fraction)}
-        timesteps = make_scheduler(s.sampler, diffusion, s.steps, s.eta, s.timestep_spacing).timesteps.tolist()
+        timesteps = sched.timesteps.tolist()
         nfe = len(timesteps)
         guided = sum(guidance_at(t, diffusion.timesteps, s.guidance_scale, interval) > 0 for t in timesteps)
         summary = {
