@@ -26,11 +26,13 @@ from diffusion_core.config import load_config  # noqa: E402
 # name -> dotted params.yaml overrides. Each sets its prediction target and how training draws t,
 # so a row means the same whatever params.yaml's default is (eps was the default until v won here,
 # uniform t until logit-normal t won, section 7f).
-# The same holds for how the blocks take the embedding (model.conditioning: "add" until 7g).
-U = {"diffusion.t_sampling": "uniform", "model.conditioning": "add"}
+# The same holds for how the blocks take the embedding (model.conditioning: "add" until 7g), and for
+# the arithmetic: float32 eager, as every row before 7j (train.compile/precision auto compile bf16 on AMX).
+U = {"diffusion.t_sampling": "uniform", "model.conditioning": "add", "train.precision": "fp32", "train.compile": False}
 EPS, V = {"diffusion.prediction": "eps", **U}, {"diffusion.prediction": "v", **U}
 LN = {"diffusion.t_sampling": "logit_normal", "diffusion.t_logit_mean": 0.0, "diffusion.t_logit_std": 1.0}
 SS = {"model.conditioning": "scale_shift"}
+BF16 = {"train.precision": "bf16", "train.memory_format": "contiguous", "train.compile": True}  # params.yaml's auto on AMX
 FULL = {"data.source": "mnist", "data.root": str(CACHE), "data.download": False}
 VARIANTS = {
     "eps": EPS,
@@ -73,12 +75,17 @@ VARIANTS = {
     # per second of width 32 (bench/scaling.py --one), so these epochs take about the default's time
     "default + width 24 + 24 epochs": {**V, **LN, **SS, "model.base_channels": 24, "train.epochs": 24},
     "default + width 16 + 35 epochs": {**V, **LN, **SS, "model.base_channels": 16, "train.epochs": 35},
+    # the same recipe at bf16 autocast, the network compiled (torch.compile fuses the casts with the
+    # norms and activations; 1.38x the default's images/s here, bench/scaling.py --levers)
+    "default + bf16 + compile": {**V, **LN, **SS, **BF16},
+    "default + bf16 + compile + 30 epochs": {**V, **LN, **SS, **BF16, "train.epochs": 30},
 }
 # The same recipes with other seeds (another initialisation, batch order, training and sampling
 # noise; the same data split): how much of a difference between two rows is chance.
 for _name in ("v", "v + logit-normal t", "v + logit-normal t + silu add", "v + logit-normal t + scale-shift",
               "v + logit-normal t + scale-shift + adam beta2 0.99", "v + logit-normal t + scale-shift + 30 epochs",
-              "default + full MNIST 4k digits", "default + full MNIST 40k digits + 2 epochs", "default + width 24 + 24 epochs"):
+              "default + full MNIST 4k digits", "default + full MNIST 40k digits + 2 epochs", "default + width 24 + 24 epochs",
+              "default + bf16 + compile", "default + bf16 + compile + 30 epochs"):
     for _seed in (1, 2):
         VARIANTS[f"{_name} + seed {_seed}"] = {**VARIANTS[_name], "seed": _seed}
 

@@ -15,6 +15,7 @@ the model is the default width with attention at 8x8 (the default's 7x7 does not
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import resource
 import subprocess
@@ -56,7 +57,9 @@ def one(spec: dict) -> dict:
     b = tr.batch_size
     med, warm = time_train_steps(tr)
     params = sum(p.numel() for p in tr.model.parameters())
+    layout = "channels_last" if tr.model.channels_last else "NCHW"
     return {
+        "runs_as": f"{tr.precision}, {'compiled' if tr.compiled else 'eager'}, {layout}",
         "params": params,
         "steps_per_s": 1 / med,
         "images_per_s": b / med,
@@ -66,7 +69,8 @@ def one(spec: dict) -> dict:
 
 
 def run(spec: dict) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True)
+    env = {**os.environ, **spec.get("env", {})}  # e.g. ONEDNN_MAX_CPU_ISA: hold oneDNN to an older instruction set
+    out = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True, env=env)
     if out.returncode:
         raise SystemExit(out.stderr[-2000:])
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -96,17 +100,31 @@ def main() -> None:
         repeats = int(sys.argv[sys.argv.index("--repeats") + 1]) if "--repeats" in sys.argv else 3
         base = {"width": ModelConfig().base_channels, "batch": 32}
         full_res = {"width": 16, "model": {"patch_size": 1, "channel_mult": [1, 2, 2], "attention_resolutions": [7]}}
+        # Each row pins what its name says, so it means the same on any machine; the first is params.yaml
+        # as this machine resolves it (train.compile/precision auto: compiled bf16 in NCHW on a CPU with AMX).
+        F32 = {"precision": "fp32", "compile": False}
         variants = [
-            ("params.yaml (patch 2, width 32, 14->7, scale-shift blocks; channels_last, fused AdamW)", {}),
-            ("memory_format contiguous (NCHW)", {"train": {"memory_format": "contiguous"}}),
+            ("params.yaml (patch 2, width 32, 14->7, scale-shift blocks; auto precision, compile and layout)", {}),
+            ("float32 eager, channels_last (the previous default; auto's choice without AMX or a C++ compiler)",
+             {"train": {**F32, "memory_format": "channels_last"}}),
+            ("float32 eager, NCHW", {"train": {**F32, "memory_format": "contiguous"}}),
+            ("float32 eager, NCHW + foreach AdamW (the default three sessions ago)", {"train": {**F32, "memory_format": "contiguous"}, "foreach_adamw": True}),
             ("foreach AdamW instead of fused", {"foreach_adamw": True}),
-            ("NCHW + foreach AdamW (the previous default)", {"train": {"memory_format": "contiguous"}, "foreach_adamw": True}),
-            ("bf16 autocast (NCHW)", {"train": {"precision": "bf16"}}),
-            ("bf16 autocast + channels_last", {"train": {"precision": "bf16", "memory_format": "channels_last"}}),
+            ("bf16 autocast, eager (NCHW)", {"train": {"precision": "bf16", "compile": False, "memory_format": "contiguous"}}),
+            ("bf16 autocast, eager, channels_last", {"train": {"precision": "bf16", "compile": False, "memory_format": "channels_last"}}),
+            ("torch.compile, float32, channels_last", {"train": {"precision": "fp32", "compile": True, "memory_format": "channels_last"}}),
+            ("torch.compile, bf16 autocast (NCHW)", {"train": {"precision": "bf16", "compile": True, "memory_format": "contiguous"}}),
+            ("torch.compile, bf16 autocast, channels_last", {"train": {"precision": "bf16", "compile": True, "memory_format": "channels_last"}}),
+            # Without AMX: oneDNN held to older x86 instruction sets (the CPU still reports AMX, so pinned, not auto)
+            # (AVX2: torch's own eager kernels too, ATEN_CPU_CAPABILITY; inductor's C++ kernels keep AVX-512)
+            *[(f"{what}, oneDNN held to {isa}", {"train": train, "env": {"ONEDNN_MAX_CPU_ISA": isa, **({"ATEN_CPU_CAPABILITY": "avx2"} if isa == "AVX2" else {})}})
+              for isa in ("AVX512_CORE_BF16", "AVX512_CORE", "AVX2")
+              for what, train in (("float32 eager, channels_last", {**F32, "memory_format": "channels_last"}),
+                                  ("torch.compile, bf16 autocast (NCHW)", {"precision": "bf16", "compile": True, "memory_format": "contiguous"}))],
             ("attention at 7x7 in the down and up blocks too (before section 6a)", {"model": {"attention_resolutions": [7]}}),
             ("1 thread", {"threads": 1}),
-            ("torch.compile", {"train": {"compile": True}}),
-            ("shape: patch 1, width 16, 28->14->7 (full resolution, NCHW, foreach)", {**full_res, "train": {"memory_format": "contiguous"}, "foreach_adamw": True}),
+            ("shape: patch 1, width 16, 28->14->7 (full resolution, float32 eager NCHW, foreach)",
+             {**full_res, "train": {**F32, "memory_format": "contiguous"}, "foreach_adamw": True}),
             ("conditioning add (linear, before 7g)", {"model": {"conditioning": "add"}}),
             ("conditioning silu_add", {"model": {"conditioning": "silu_add"}}),
         ]
@@ -124,7 +142,7 @@ def main() -> None:
         for name, _ in variants:
             ips = [r["images_per_s"] for r in runs[name]]
             med = {k: statistics.median(r[k] for r in runs[name]) for k in ("steps_per_s", "images_per_s", "warmup_s", "peak_rss_mib")}
-            rows.append({"variant": name, "params": runs[name][0]["params"], **{k: round(v, 2) for k, v in med.items()},
+            rows.append({"variant": name, "runs_as": runs[name][0]["runs_as"], "params": runs[name][0]["params"], **{k: round(v, 2) for k, v in med.items()},
                          "images_per_s_range": f"{min(ips):.0f}-{max(ips):.0f}", "vs_default": round(med["images_per_s"] / ref, 2)})
         cmd = f"python bench/scaling.py --levers --repeats {repeats}"
         if "--only" in sys.argv:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,7 +78,7 @@ class DiffusionConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 20
+    epochs: int = 30
     batch_size: int = 32
     lr: float = 2e-3
     weight_decay: float = 0.0
@@ -95,9 +96,9 @@ class TrainConfig:
     grid_every: int = 5  # draw the grid after epoch 1, every grid_every-th epoch and the last one
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: auto/cuda = cuda:LOCAL_RANK)
     num_threads: int = 0  # torch CPU threads; 0 = torch's default
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, and on a CPU with AMX when compiled; else fp32) | fp32 | bf16
     tf32: bool = True  # CUDA only: TF32 tensor cores for the float32 matmuls and convolutions
-    compile: bool = False  # torch.compile the network for training
+    compile: bool | str = "auto"  # auto (on a CPU with AMX and a C++ compiler) | true | false: torch.compile the network for training
     memory_format: str = "auto"  # auto (channels_last for float32 on CPU) | channels_last | contiguous
 
 
@@ -108,7 +109,7 @@ class SampleConfig:
     steps: int = 10  # ignored by ddpm, which always takes diffusion.timesteps steps
     timestep_spacing: str = "trailing"  # trailing | logsnr | karras: which timesteps ddim and dpm++2m visit
     eta: float = 0.0  # DDIM stochasticity (0 = deterministic DDIM, 1 ~ DDPM)
-    guidance_scale: float = 1.0  # w in eps = eps_c + w (eps_c - eps_u); 0 = purely conditional
+    guidance_scale: float = 0.75 # w in eps = eps_c + w (eps_c - eps_u); 0 = purely conditional
     # [lo, hi]: guide only where lo <= t / (T - 1) <= hi (Kynkaanniemi et al. 2024); [0, 1] = every step
     guidance_interval: list[float] = field(default_factory=lambda: [0.0, 0.5])
     batch_size: int = 250
@@ -134,7 +135,7 @@ class ClipConfig:
 
 @dataclass
 class SweepConfig:
-    guidance_scales: list[float] = field(default_factory=lambda: [0.0, 1.0, 2.0, 4.0])
+    guidance_scales: list[float] = field(default_factory=lambda: [0.0, 0.75, 2.0, 4.0])
     samplers: list[str] = field(default_factory=lambda: ["ddim:10", "ddim:20", "dpm++2m:10", "dpm++2m:20"])  # name:steps
     per_class: int = 10
 
@@ -187,6 +188,13 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{key} must be a list of {_type_name(item_tp)}, got {value!r}")
         return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):  # e.g. bool | str: the first arm that takes it
+        for arm in typing.get_args(tp):
+            try:
+                return _coerce(key, value, arm)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key} must be {' or '.join(_type_name(a) for a in typing.get_args(tp))}, got {value!r}")
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key} must be true or false, got {value!r}")
@@ -332,6 +340,7 @@ def validate(cfg: Config) -> Config:
         f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}",
     )
     _check(t.num_threads >= 0, f"train.num_threads must be >= 0, got {t.num_threads}")
+    _check(t.compile in (True, False, "auto"), f"train.compile must be auto, true or false, got {t.compile!r}")
     _check(t.precision in ("auto", "fp32", "bf16"), f"train.precision must be auto, fp32 or bf16, got {t.precision!r}")
     _check(
         t.memory_format in ("auto", "channels_last", "contiguous"),

@@ -104,15 +104,50 @@ def rank_seed(seed: int, rank: int) -> int:
     return (seed + 1) * 1_000_003 + 7_919 * rank
 
 
-def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """``train.precision`` -> the autocast dtype, or None for plain float32."""
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (Intel Xeon since Sapphire Rapids), on which oneDNN runs
+    bfloat16 convolutions and matrix products. Compiled bf16 training of the default network ran
+    1.4-1.5x float32 here with AMX, and no faster than float32 (AVX512-BF16) or 1.7-7x slower
+    (AVX-512, AVX2) with oneDNN held to the older instruction sets (bench/RESULTS.md 4d)."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    try:
+        return bool(probe()) if probe else False
+    except Exception:  # noqa: BLE001 - a torch without the probe, or a platform it does not know
+        return False
+
+
+def cxx_compiler_available() -> bool:
+    """Whether torch.compile's CPU backend (inductor, which builds C++ kernels) finds a compiler."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+        return True
+    except Exception:  # noqa: BLE001 - no compiler, or an inductor without this helper
+        return False
+
+
+def use_compile(setting: bool | str, device: torch.device) -> bool:
+    """``train.compile`` -> whether to torch.compile the network. ``auto`` compiles where it was
+    measured to pay: on a CPU with AMX, where the compiled bf16 network trains 1.4-1.5x faster
+    (float32 compiled: 1.04-1.06x, not worth the first run's ~35 s of compiling), if a C++
+    compiler is there. On CUDA auto stays eager until bench/gpu.py has measured compile there."""
+    if setting != "auto":
+        return bool(setting)
+    return device.type == "cpu" and cpu_has_amx() and cxx_compiler_available()
+
+
+def amp_dtype(precision: str, device: torch.device, compiled: bool = False) -> torch.dtype | None:
+    """``train.precision`` -> the autocast dtype, or None for plain float32. ``auto``: bf16 on
+    CUDA (float32 on GPUs without bf16), and on a CPU with AMX when the network is compiled
+    (eager bf16 on CPU measured no faster than float32: the casts eat the gain); else float32."""
     if precision == "fp32":
         return None
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         if precision == "bf16":
             raise ConfigError(f"train.precision=bf16 but {torch.cuda.get_device_name(device)} has no bfloat16 support; use fp32 or auto")
         return None  # auto on a pre-Ampere GPU: float32 (fp16 would need loss scaling)
-    if precision == "auto" and device.type != "cuda":
+    if precision == "auto" and device.type != "cuda" and not (compiled and cpu_has_amx()):
         return None
     return torch.bfloat16
 
@@ -235,7 +270,8 @@ class Trainer:
         self.rank, self.world = self.dist.rank, self.dist.world
         self.is_main = self.dist.is_main
         self.device = resolve_device(self.tc.device, self.dist.local_rank if self.world > 1 else None)
-        self.amp_dtype = amp_dtype(self.tc.precision, self.device)
+        self.compiled = use_compile(self.tc.compile, self.device)
+        self.amp_dtype = amp_dtype(self.tc.precision, self.device, self.compiled)
         self.x_train = to_model_range(train["images"]).to(self.device)
         self.y_train = train["labels"].to(self.device)
         self.x_val = to_model_range(val["images"]).to(self.device)
@@ -271,7 +307,7 @@ class Trainer:
             self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
             if self.rank > 0:  # dropout masks: a stream of its own per process (rank 0 keeps seed's)
                 torch.manual_seed(rank_seed(cfg.seed, self.rank))
-        if self.tc.compile:
+        if self.compiled:
             self.net = torch.compile(self.net)
         self.ema = AveragedModel(self.model, multi_avg_fn=ema_warmup_multi_avg_fn(self.tc.ema_decay), use_buffers=True)
         self.optimizer = adamw(list(self.model.parameters()), self.tc.lr, self.tc.weight_decay, self.tc.adam_beta2)
@@ -329,7 +365,13 @@ class Trainer:
             "data": self.data_info,
             "code": code_fingerprint(),
             "world_size": self.world,
+            "precision": self.precision,
         }
+
+    @property
+    def precision(self) -> str:
+        """The arithmetic training runs in, as ``train.precision=auto`` resolved: bf16 or fp32."""
+        return "bf16" if self.amp_dtype is not None else "fp32"
 
     def save_checkpoint(self) -> None:
         """Rank 0 writes; in a data-parallel run every rank must call it (see :meth:`state_dict`)."""
@@ -342,7 +384,8 @@ class Trainer:
     # bits) but not the maths or its precision: a run may move to another device or memory layout,
     # or be compiled, and keep its progress, as it may move to another number of processes.
     # train.precision and train.tf32 change the arithmetic itself (bf16 / TF32 matmuls), so a
-    # checkpoint written with others is not resumed.
+    # checkpoint written with others is not resumed, nor one whose precision auto resolved otherwise
+    # (bf16 when compiled on a CPU with AMX: turning train.compile off there changes the arithmetic).
     RESUME_IGNORES = {"train.device", "train.num_threads", "train.checkpoint_every", "train.compile",
                       "train.memory_format", "data.root", "data.download"}
 
@@ -364,6 +407,9 @@ class Trainer:
             if key.startswith("train.grid_") or stored.get(key) == value:
                 continue
             return f"{path} was written with {key}={stored.get(key)!r}, params say {value!r}"
+        if obj.get("precision", self.precision) != self.precision:  # train.precision=auto resolved otherwise
+            return (f"{path} was trained in {obj['precision']} and this run would train in {self.precision} "
+                    f"(train.precision=auto follows the device and train.compile)")
         return None
 
     def load_checkpoint(self, path: str | Path) -> None:

@@ -105,6 +105,8 @@ def main(
             if trainer.is_main:
                 typer.echo(f"resuming from {trainer.checkpoint_path}" if resume else f"starting over: {why}")
         if trainer.is_main:
+            compiled = ", compiled (a machine's first compile takes about half a minute)" if trainer.compiled else ""
+            typer.echo(f"training on {trainer.device} in {trainer.precision}{compiled}")
             if not resume:
                 shutil.rmtree(out / "grids", ignore_errors=True)
             train_and_log(cfg, trainer, stats, resume, out, metrics, plots)
@@ -146,7 +148,8 @@ def train_and_log(cfg, trainer: Trainer, stats: dict, resume: bool, out: Path, m
             "parameters": count_parameters(trainer.model),
             "device": str(trainer.device),
             "processes": trainer.world,
-            "precision": "bf16" if trainer.autocast else "fp32",
+            "precision": trainer.precision,
+            "compiled": trainer.compiled,
         }
         write_json(metrics, summary)
         write_csv(plots / "train_loss.csv", [{"step": r["step"], "epoch": r["epoch"], "loss": r["loss"], "lr": r["lr"]} for r in result.history.train])
