@@ -78,6 +78,7 @@ VARIANTS = {
     # the same recipe at bf16 autocast, the network compiled (torch.compile fuses the casts with the
     # norms and activations; 1.38x the default's images/s here, bench/scaling.py --levers)
     "default + bf16 + compile": {**V, **LN, **SS, **BF16},
+    "default + bf16 + compile + 25 epochs": {**V, **LN, **SS, **BF16, "train.epochs": 25},
     "default + bf16 + compile + 30 epochs": {**V, **LN, **SS, **BF16, "train.epochs": 30},
 }
 # The same recipes with other seeds (another initialisation, batch order, training and sampling
@@ -85,7 +86,8 @@ VARIANTS = {
 for _name in ("v", "v + logit-normal t", "v + logit-normal t + silu add", "v + logit-normal t + scale-shift",
               "v + logit-normal t + scale-shift + adam beta2 0.99", "v + logit-normal t + scale-shift + 30 epochs",
               "default + full MNIST 4k digits", "default + full MNIST 40k digits + 2 epochs", "default + width 24 + 24 epochs",
-              "default + bf16 + compile", "default + bf16 + compile + 30 epochs"):
+              "default + bf16 + compile", "default + bf16 + compile + 25 epochs",
+              "default + bf16 + compile + 30 epochs"):
     for _seed in (1, 2):
         VARIANTS[f"{_name} + seed {_seed}"] = {**VARIANTS[_name], "seed": _seed}
 

@@ -54,8 +54,9 @@ def warm_trainer(cfg, splits, out: str):
 def _trainer_parts(cfg, splits, rounds: int, out: str) -> dict[str, list[float]]:
     tr, x, y = warm_trainer(cfg, splits, out)
 
-    def forward_backward():
-        loss = tr.diffusion(tr.net, x, y, tr.tc.cond_drop_prob, tr.noise_gen)
+    def forward_backward():  # as Trainer._train_step runs it: compiled and under autocast where params.yaml resolves so
+        with torch.autocast(tr.device.type, dtype=tr.amp_dtype or torch.bfloat16, enabled=tr.autocast):
+            loss = tr.diffusion(tr.net, x, y, tr.tc.cond_drop_prob, tr.noise_gen)
         tr.optimizer.zero_grad(set_to_none=True)
         loss.backward()
 

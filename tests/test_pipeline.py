@@ -94,7 +94,7 @@ def test_repro_produces_every_out_and_one_mlflow_run(repo):
 
     sweep = pd.read_csv(dst / "sweep/results.csv")
     assert len(sweep) == 5 and sweep["images"].eq(20).all()
-    both = sweep[(sweep["sampler"] == "dpm++2m") & (sweep["steps"] == 5) & (sweep["guidance_scale"] == 0.75)]
+    both = sweep[(sweep["sampler"] == "dpm++2m") & (sweep["steps"] == 5) & (sweep["guidance_scale"] == 1.0)]
     assert both["sweep"].tolist() == ["guidance", "sampler"]  # one draw, reported in both sweeps
     assert both.drop(columns="sweep").nunique().eq(1).all()
     runs, con = mlflow_runs(dst / "mlflow.db")
@@ -129,7 +129,7 @@ def test_repro_again_has_nothing_to_do(repo):
 
 def test_changing_guidance_reruns_only_sampling_and_later_and_makes_a_new_run(repo):
     dst, env, _ = repo
-    res = run(["dvc", "exp", "run", "-S", "sample.guidance_scale=1.5"], dst, env=env)  # the default is 0.75
+    res = run(["dvc", "exp", "run", "-S", "sample.guidance_scale=1.5"], dst, env=env)  # the default is 1.0
     ran = [line.split("'")[1] for line in res.stdout.splitlines() if line.startswith("Running stage")]
     assert set(ran) == {"sample", "evaluate", "sweep", "report"}, res.stdout
     runs, con = mlflow_runs(dst / "mlflow.db")

@@ -21,7 +21,7 @@ TINY_OVERRIDES = {
     "clip.digit_clip_epochs": 1,
     "clip.real_per_class": 8,
     "sweep.per_class": 2,
-    "sweep.guidance_scales": [0.0, 0.75, 2.0],  # 0.75 with dpm++2m:5 is sample's setting, in both sweeps
+    "sweep.guidance_scales": [0.0, 1.0, 2.0],  # 1.0 with dpm++2m:5 is sample's setting, in both sweeps
     "sweep.samplers": ["ddim:5", "dpm++2m:5"],
 }
 
