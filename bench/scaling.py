@@ -103,6 +103,7 @@ def main() -> None:
         # Each row pins what its name says, so it means the same on any machine; the first is params.yaml
         # as this machine resolves it (train.compile/precision auto: compiled bf16 in NCHW on a CPU with AMX).
         F32 = {"precision": "fp32", "compile": False}
+        BF16_COMPILED = {"precision": "bf16", "compile": True, "memory_format": "contiguous"}  # auto's choice on AMX
         variants = [
             ("params.yaml (patch 2, width 32, 14->7, scale-shift blocks; auto precision, compile and layout)", {}),
             ("float32 eager, channels_last (the previous default; auto's choice without AMX or a C++ compiler)",
@@ -113,14 +114,14 @@ def main() -> None:
             ("bf16 autocast, eager (NCHW)", {"train": {"precision": "bf16", "compile": False, "memory_format": "contiguous"}}),
             ("bf16 autocast, eager, channels_last", {"train": {"precision": "bf16", "compile": False, "memory_format": "channels_last"}}),
             ("torch.compile, float32, channels_last", {"train": {"precision": "fp32", "compile": True, "memory_format": "channels_last"}}),
-            ("torch.compile, bf16 autocast (NCHW)", {"train": {"precision": "bf16", "compile": True, "memory_format": "contiguous"}}),
+            ("torch.compile, bf16 autocast (NCHW)", {"train": BF16_COMPILED}),
             ("torch.compile, bf16 autocast, channels_last", {"train": {"precision": "bf16", "compile": True, "memory_format": "channels_last"}}),
             # Without AMX: oneDNN held to older x86 instruction sets (the CPU still reports AMX, so pinned, not auto)
             # (AVX2: torch's own eager kernels too, ATEN_CPU_CAPABILITY; inductor's C++ kernels keep AVX-512)
             *[(f"{what}, oneDNN held to {isa}", {"train": train, "env": {"ONEDNN_MAX_CPU_ISA": isa, **({"ATEN_CPU_CAPABILITY": "avx2"} if isa == "AVX2" else {})}})
               for isa in ("AVX512_CORE_BF16", "AVX512_CORE", "AVX2")
               for what, train in (("float32 eager, channels_last", {**F32, "memory_format": "channels_last"}),
-                                  ("torch.compile, bf16 autocast (NCHW)", {"precision": "bf16", "compile": True, "memory_format": "contiguous"}))],
+                                  ("torch.compile, bf16 autocast (NCHW)", BF16_COMPILED))],
             ("attention at 7x7 in the down and up blocks too (before section 6a)", {"model": {"attention_resolutions": [7]}}),
             ("1 thread", {"threads": 1}),
             ("shape: patch 1, width 16, 28->14->7 (full resolution, float32 eager NCHW, foreach)",

@@ -130,7 +130,7 @@ def cxx_compiler_available() -> bool:
 def use_compile(setting: bool | str, device: torch.device) -> bool:
     """``train.compile`` -> whether to torch.compile the network. ``auto`` compiles where it was
     measured to pay: on a CPU with AMX, where the compiled bf16 network trains 1.4-1.5x faster
-    (float32 compiled: 1.04-1.06x, not worth the first run's ~35 s of compiling), if a C++
+    (float32 compiled: 1.04-1.06x, not worth a machine's first compile, 35-70 s), if a C++
     compiler is there. On CUDA auto stays eager until bench/gpu.py has measured compile there."""
     if setting != "auto":
         return bool(setting)

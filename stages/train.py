@@ -105,7 +105,7 @@ def main(
             if trainer.is_main:
                 typer.echo(f"resuming from {trainer.checkpoint_path}" if resume else f"starting over: {why}")
         if trainer.is_main:
-            compiled = ", compiled (a machine's first compile takes about half a minute)" if trainer.compiled else ""
+            compiled = ", compiled (a machine's first compile takes about a minute)" if trainer.compiled else ""
             typer.echo(f"training on {trainer.device} in {trainer.precision}{compiled}")
             if not resume:
                 shutil.rmtree(out / "grids", ignore_errors=True)
