@@ -4,7 +4,7 @@ Written for the few minutes of a lent GPU machine (issue 8), where a second try 
 part is guarded (a failure prints its traceback and the run goes on with the next part), training
 fits a time budget, and the tables are printed as each part ends.
 
-    python bench/gpu.py                          # on a CUDA machine: both parts, about 6 minutes
+    python bench/gpu.py                          # on a CUDA machine: the three parts, about 8 minutes
     python bench/gpu.py --out gpu.md             # the tables also go to gpu.md
 
 On the device machine, ``bench/gpu.sh`` runs it from a carried folder ``.gpu/`` that holds full
@@ -13,10 +13,15 @@ MNIST's four .gz files and the judge's weights (bench/RESULTS.md section 8 says 
 1. **Throughput.** Training steps of the Trainer itself (loss, backward, gradient clipping, fused
    AdamW, EMA) on random batches of the full-MNIST training digits, kept on the device: images/s,
    steps/s and peak device memory, for the CPU default network (params.yaml) and the README's GPU
-   preset (``GPU_PRESET``) at each ``--batch-sizes``, under ``train.precision: auto`` (bf16 autocast
-   on CUDA); then the preset at its own batch size in float32 (TF32 on).
-2. **Time to quality.** Each network of ``--networks`` trained from scratch on the 54,000 training
-   digits, for as many epochs as fit ``--budget-s`` at its measured speed (its cosine learning-rate
+   preset (``GPU_PRESET``) at each ``--batch-sizes``, eager under bf16 autocast; then each at its own
+   batch size eager in float32 (TF32 on). The ``runs_as`` column says what ran.
+2. **torch.compile.** The same timing of each network compiled (inductor) at its own batch size,
+   in each of ``--compile-modes`` (reduce-overhead replays the network as CUDA graphs), under
+   ``train.precision: auto`` (bf16 when compiled); ``warmup_s`` holds the compilation.
+3. **Time to quality.** Each network of ``--networks`` trained from scratch on the 54,000 training
+   digits with params.yaml's settings (``auto``: compiled as CUDA graphs in bf16 on one GPU), for as
+   many epochs as fit ``--budget-s`` at the speed parts 1-2 measured for those settings (timed here
+   if they did not; its cosine learning-rate
    schedule ends there). After every epoch, ``--per-class`` digits of each class are drawn with
    params.yaml's sampler and guidance and judged by bench/mnist_judge.py's CNN. The table gives the
    training seconds at each epoch (the Trainer's loop with its own per-epoch validation loss, grid
@@ -24,8 +29,6 @@ MNIST's four .gz files and the judge's weights (bench/RESULTS.md section 8 says 
    correct overall with every digit at least 95% (the issue's targets). The final EMA then draws
    ``--final-per-class`` digits of each class: accuracy, worst digit, and FD against as many real
    test digits, beside the real-vs-real floor.
-3. **torch.compile.** Part 1's timing of each network compiled (inductor) at its own batch size; its
-   ``warmup_s`` holds the compilation. Last, so that a slow compile cannot cost parts 1 and 2.
 """
 
 from __future__ import annotations
@@ -42,10 +45,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import machine, md_table, parse_overrides, time_train_steps  # noqa: E402
-from diffusion_core.config import Config, ConfigError, load_config  # noqa: E402
+from diffusion_core.config import COMPILE_MODES, Config, ConfigError, load_config  # noqa: E402
 from diffusion_core.data import DATASETS, build_splits, to_uint8  # noqa: E402
 from diffusion_core.samplers import class_labels  # noqa: E402
-from diffusion_core.trainer import Trainer, resolve_device  # noqa: E402
+from diffusion_core.trainer import Trainer, amp_dtype, compile_mode, resolve_device, use_compile  # noqa: E402
 from diffusion_core.unet import count_parameters  # noqa: E402
 from stages.sample import draw_configured  # noqa: E402
 
@@ -63,7 +66,7 @@ GPU_PRESET: dict[str, Any] = {
 NETWORKS = {"default": {}, "gpu-preset": GPU_PRESET}
 PRESET_EPOCHS = 30  # the README preset's train.epochs: the most a budgeted run is given
 TARGET_ACCURACY, TARGET_WORST = 0.98, 0.95
-PARTS = ("throughput", "quality", "compile")
+PARTS = ("throughput", "compile", "quality")
 
 Evaluate = Callable[[torch.Tensor, torch.Tensor], dict]
 
@@ -95,16 +98,31 @@ def throughput_row(cfg: Config, splits: dict, steps: int, timings: int) -> dict:
         tr = make_trainer(cfg, splits, out)
         release(tr.device)
         sec, warm = time_train_steps(tr, steps=steps, timings=timings)
-        row = {"params": count_parameters(tr.model), "batch": tr.batch_size, "steps_per_s": 1 / sec,
+        row = {"runs_as": runs_as(tr.precision, tr.compile_mode), "params": count_parameters(tr.model), "batch": tr.batch_size, "steps_per_s": 1 / sec,
                "images_per_s": tr.batch_size / sec, "warmup_s": warm, "peak_mem_mib": peak_memory_mib(tr.device)}
         del tr
     return row
 
 
-def throughput(args, splits: dict, report: Callable[[str], None], runs: list[tuple[str, str, dict]]) -> dict[tuple[str, int], float]:
-    """A throughput table of ``runs`` (network, variant, overrides); returns steps/s per (network,
-    batch size) of the rows named "batch N" (train.precision auto, eager)."""
-    rows, speed = [], {}
+def runs_as(precision: str, mode: str | None) -> str:
+    """What a Trainer runs as: its resolved precision and compile mode (None: eager)."""
+    return f"{precision}, {mode or 'eager'}"
+
+
+def resolved_runs_as(cfg: Config) -> str:
+    """:func:`runs_as` of the Trainer ``cfg`` would build (one process), without building it."""
+    device = resolve_device(cfg.train.device)
+    compiled = use_compile(cfg.train.compile, device)
+    precision = "bf16" if amp_dtype(cfg.train.precision, device, compiled) is not None else "fp32"
+    return runs_as(precision, compile_mode(cfg.train.compile_mode, device) if compiled else None)
+
+
+Speed = dict[tuple[str, int, str], float]  # steps/s by (network, batch size, runs_as)
+
+
+def throughput(args, splits: dict, report: Callable[[str], None], runs: list[tuple[str, str, dict]], speed: Speed) -> None:
+    """A throughput table of ``runs`` (network, variant, overrides); adds each row's steps/s to ``speed``."""
+    rows = []
     for network, variant, extra in runs:
         try:
             cfg = network_config(args, network, extra)
@@ -113,25 +131,28 @@ def throughput(args, splits: dict, report: Callable[[str], None], runs: list[tup
             traceback.print_exc()
             row = {"error": traceback.format_exc(limit=1).strip().splitlines()[-1]}
         else:
-            if variant.startswith("batch"):
-                speed[(network, row["batch"])] = row["steps_per_s"]
+            speed[(network, row["batch"], row["runs_as"])] = row["steps_per_s"]
         rows.append({"network": network, "variant": variant, **row})
         print(rows[-1], file=sys.stderr, flush=True)
-    cols = ["network", "variant", "params", "batch", "steps_per_s", "images_per_s", "warmup_s", "peak_mem_mib"]
+    cols = ["network", "variant", "runs_as", "params", "batch", "steps_per_s", "images_per_s", "warmup_s", "peak_mem_mib"]
     cols += ["error"] if any("error" in r for r in rows) else []
     report(md_table([{c: "n/a" if r.get(c, "") is None else r.get(c, "") for c in cols} for r in rows]))
-    return speed
+
+
+EAGER = {"train.compile": False}
 
 
 def part1_runs(args) -> list[tuple[str, str, dict]]:
-    """Every network at every batch size, then the preset in float32 (TF32) at its own batch size."""
-    runs = [(n, f"batch {b}", {"train.batch_size": b}) for n in args.networks for b in args.batch_sizes]
-    return runs + ([("gpu-preset", "fp32 (TF32)", {"train.precision": "fp32"})] if "gpu-preset" in args.networks else [])
+    """Every network eager in bf16 at every batch size, then each eager in float32 (TF32) at its own."""
+    runs = [(n, f"batch {b}", {**EAGER, "train.precision": "bf16", "train.batch_size": b}) for n in args.networks for b in args.batch_sizes]
+    return runs + [(n, "fp32 (TF32)", {**EAGER, "train.precision": "fp32"}) for n in args.networks]
 
 
 def compile_runs(args) -> list[tuple[str, str, dict]]:
-    """torch.compile (inductor) at each network's own batch size: last, as compiling may be slow."""
-    return [(n, "torch.compile", {"train.compile": True}) for n in args.networks]
+    """torch.compile (inductor) in each of ``--compile-modes`` at each network's own batch size,
+    precision auto."""
+    return [(n, f"torch.compile {mode}", {"train.compile": True, "train.compile_mode": mode})
+            for mode in args.compile_modes for n in args.networks]
 
 
 def budget_epochs(budget_s: float, steps_per_s: float, steps_per_epoch: int, most: int = PRESET_EPOCHS) -> int:
@@ -150,13 +171,13 @@ def judged(evaluate: Evaluate, images: torch.Tensor, labels: torch.Tensor) -> di
     return {k: q[k] for k in ("accuracy", "worst_digit", "worst_digit_accuracy", "fd", "fd_real_vs_real")}
 
 
-def time_to_quality(args, network: str, splits: dict, speed: dict, evaluate: Evaluate) -> tuple[list[dict], dict]:
-    """Part 2 for one network: per-epoch rows and the final row. ``speed``: part 1's steps/s by
-    (network, batch size); a batch size it did not time is timed here."""
+def time_to_quality(args, network: str, splits: dict, speed: Speed, evaluate: Evaluate) -> tuple[list[dict], dict]:
+    """Part 3 for one network: per-epoch rows and the final row. ``speed``: parts 1-2's steps/s;
+    settings they did not time are timed here."""
     cfg = network_config(args, network)
     spec = DATASETS[cfg.data.source]
     shape = (spec.channels, spec.size, spec.size)
-    steps_per_s = speed.get((network, cfg.train.batch_size))
+    steps_per_s = speed.get((network, cfg.train.batch_size, resolved_runs_as(cfg)))
     if steps_per_s is None:
         steps_per_s = throughput_row(cfg, splits, args.steps, args.timings)["steps_per_s"]
     steps_per_epoch = len(splits["train"]["labels"]) // cfg.train.batch_size
@@ -193,7 +214,7 @@ def time_to_quality(args, network: str, splits: dict, speed: dict, evaluate: Eva
         images = draw_digits(tr.ema.module.eval(), final_labels)
         sample_s = time.perf_counter() - t0
         first = next((r for r in rows if r["targets_met"]), None)
-        final = {"network": network, "params": count_parameters(tr.model), "batch": cfg.train.batch_size,
+        final = {"network": network, "runs_as": runs_as(tr.precision, tr.compile_mode), "params": count_parameters(tr.model), "batch": cfg.train.batch_size,
                  "epochs": epochs, "steps": res.steps, "train_s": train_s, "images_per_s": res.steps * cfg.train.batch_size / train_s,
                  "peak_mem_mib": peak_memory_mib(tr.device),
                  "targets_met_at_epoch": first["epoch"] if first else "not within the budget",
@@ -222,6 +243,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--per-class", type=int, default=100, help="part 2: digits of each class judged after every epoch")
     ap.add_argument("--final-per-class", type=int, default=200, help="part 2: digits of each class judged at the end")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, run in this order: {', '.join(PARTS)}")
+    ap.add_argument("--compile-modes", default="default,reduce-overhead", help=f"part 2's train.compile_mode values, from {', '.join(COMPILE_MODES)}")
     ap.add_argument("--source", default="mnist", help="data.source (tests use mnist-5k)")
     ap.add_argument("--root", default=None, help="data.root holding MNIST/raw (default: bench/.cache, unpacked from ../shared)")
     ap.add_argument("--params", default="params.yaml")
@@ -244,6 +266,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             raise SystemExit(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.budget_s <= 0:
         raise SystemExit(f"--budget-s must be > 0, got {args.budget_s}")
+    args.compile_modes = [m.strip() for m in args.compile_modes.split(",") if m.strip()]
+    if not args.compile_modes or set(args.compile_modes) - set(COMPILE_MODES):
+        raise SystemExit(f"--compile-modes: expected some of {', '.join(COMPILE_MODES)}, got {args.compile_modes}")
     args.overrides = parse_overrides(args.overrides)
     return args
 
@@ -274,10 +299,14 @@ def main(argv: list[str] | None = None, evaluate: Evaluate | None = None) -> Non
     splits = build_splits(d.source, d.root, cfg.seed, d.val_fraction, d.test_fraction, download=False, limit=d.limit)
     report(f"Data: {args.source}, {len(splits['train']['labels'])} training digits; sampler {cfg.sample.sampler} "
            f"{cfg.sample.steps} steps, w = {cfg.sample.guidance_scale} on t/T in {list(cfg.sample.guidance_interval)}\n")
-    speed: dict = {}
+    speed: Speed = {}
     if "throughput" in args.parts:
         report("### Throughput\n")
-        speed = throughput(args, splits, report, part1_runs(args))
+        throughput(args, splits, report, part1_runs(args), speed)
+        report("")
+    if "compile" in args.parts:
+        report("### torch.compile\n")
+        throughput(args, splits, report, compile_runs(args), speed)
         report("")
     if "quality" in args.parts:
         evaluate = evaluate or mnist_judge_evaluate()
@@ -295,9 +324,6 @@ def main(argv: list[str] | None = None, evaluate: Evaluate | None = None) -> Non
         if finals:
             report("### Final samples\n")
             report(md_table([{k: ("n/a" if v is None else v) for k, v in f.items()} for f in finals]) + "\n")
-    if "compile" in args.parts:
-        report("### torch.compile\n")
-        throughput(args, splits, report, compile_runs(args))
     if out_file:
         out_file.close()
 

@@ -28,7 +28,7 @@ from diffusion_core.config import load_config  # noqa: E402
 from diffusion_core.data import DATASETS, build_splits, dataset_prompts, to_model_range  # noqa: E402
 from diffusion_core.digit_clip import CompactVocabulary, arch_config, build, caption_tokens, random_shift, train_step  # noqa: E402
 from diffusion_core.optim import adamw  # noqa: E402
-from diffusion_core.trainer import Trainer  # noqa: E402
+from diffusion_core.trainer import Trainer, ema_update  # noqa: E402
 
 
 def ms(fn) -> float:
@@ -64,7 +64,7 @@ def _trainer_parts(cfg, splits, rounds: int, out: str) -> dict[str, list[float]]
         "diffusion step: forward + backward": forward_backward,
         "diffusion step: gradient clipping": lambda: torch.nn.utils.clip_grad_norm_(tr.model.parameters(), tr.tc.grad_clip, foreach=True),
         "diffusion step: AdamW + lr schedule": lambda: (tr.optimizer.step(), tr.scheduler.step()),
-        "diffusion step: EMA": lambda: tr.ema.update_parameters(tr.model),
+        "diffusion step: EMA": lambda: ema_update(tr.ema, tr.model, tr.step, tr.tc.ema_decay),
         "diffusion step: whole Trainer step": lambda: tr._train_step(x, y),
         "per epoch: validation loss": lambda: tr.validation_loss(tr.ema.module),
         "per epoch: fixed-noise grid": lambda: tr.sample_grid(1),

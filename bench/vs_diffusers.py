@@ -42,7 +42,7 @@ from diffusion_core.data import build_splits, to_model_range, to_uint8  # noqa: 
 from diffusion_core.diffusion import GaussianDiffusion  # noqa: E402
 from diffusion_core.samplers import class_labels, make_scheduler, sample  # noqa: E402
 from diffusion_core.optim import adamw  # noqa: E402
-from diffusion_core.trainer import ema_warmup_multi_avg_fn, lr_lambda  # noqa: E402
+from diffusion_core.trainer import ema_update, lr_lambda  # noqa: E402
 from diffusion_core.unet import UNet, count_parameters, use_channels_last  # noqa: E402
 
 
@@ -98,7 +98,7 @@ def train_for(model, add_noise, x, y, cfg, budget_s: float, seed: int, max_steps
     g = torch.Generator().manual_seed(seed)
     opt = adamw(list(model.parameters()), tc.lr, 0.0, tc.adam_beta2)  # the fused AdamW kernel, as our Trainer uses
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc.warmup_steps, 10**9, "constant"))
-    ema = AveragedModel(model, multi_avg_fn=ema_warmup_multi_avg_fn(tc.ema_decay))
+    ema = AveragedModel(model, use_buffers=True)  # updated as our Trainer updates its EMA
     steps, t0 = 0, time.perf_counter()
     while (time.perf_counter() - t0 < budget_s) if max_steps is None else steps < max_steps:
         idx = torch.randint(0, len(y), (tc.batch_size,), generator=g)
@@ -112,7 +112,7 @@ def train_for(model, add_noise, x, y, cfg, budget_s: float, seed: int, max_steps
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip, foreach=True)
         opt.step()
         sched.step()
-        ema.update_parameters(model)
+        ema_update(ema, model, steps, tc.ema_decay)
         steps += 1
     return ema.module.eval(), steps, time.perf_counter() - t0
 

@@ -31,6 +31,7 @@ class ConfigError(ValueError):
 
 T_SAMPLINGS = ("uniform", "stratified", "logit_normal")  # diffusion.t_sampling (GaussianDiffusion)
 CONDITIONINGS = ("add", "silu_add", "scale_shift")  # model.conditioning (unet.ResBlock)
+COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # train.compile_mode (torch.compile)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,9 +97,10 @@ class TrainConfig:
     grid_every: int = 5  # draw the grid after epoch 1, every grid_every-th epoch and the last one
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: auto/cuda = cuda:LOCAL_RANK)
     num_threads: int = 0  # torch CPU threads; 0 = torch's default
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, and on a CPU with AMX when compiled; else fp32) | fp32 | bf16
+    precision: str = "auto"  # auto (bf16 autocast when compiled, on CUDA or a CPU with AMX; else fp32) | fp32 | bf16
     tf32: bool = True  # CUDA only: TF32 tensor cores for the float32 matmuls and convolutions
-    compile: bool | str = "auto"  # auto (on a CPU with AMX and a C++ compiler) | true | false: torch.compile the network for training
+    compile: bool | str = "auto"  # auto (on CUDA with Triton; on a CPU with AMX and a C++ compiler) | true | false: torch.compile the network for training
+    compile_mode: str = "auto"  # torch.compile's mode when compiled: auto (reduce-overhead on one GPU, else default) | default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
     memory_format: str = "auto"  # auto (channels_last for float32 on CPU) | channels_last | contiguous
 
 
@@ -341,6 +343,7 @@ def validate(cfg: Config) -> Config:
     )
     _check(t.num_threads >= 0, f"train.num_threads must be >= 0, got {t.num_threads}")
     _check(t.compile in (True, False, "auto"), f"train.compile must be auto, true or false, got {t.compile!r}")
+    _check(t.compile_mode in COMPILE_MODES, f"train.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {t.compile_mode!r}")
     _check(t.precision in ("auto", "fp32", "bf16"), f"train.precision must be auto, fp32 or bf16, got {t.precision!r}")
     _check(
         t.memory_format in ("auto", "channels_last", "contiguous"),

@@ -127,27 +127,55 @@ def cxx_compiler_available() -> bool:
         return False
 
 
+def triton_available() -> bool:
+    """Whether torch.compile's GPU backend (inductor, which writes Triton kernels) can run here."""
+    try:
+        from torch.utils._triton import has_triton
+
+        return bool(has_triton())
+    except Exception:  # noqa: BLE001 - a torch without the helper, or a broken Triton
+        return False
+
+
 def use_compile(setting: bool | str, device: torch.device) -> bool:
     """``train.compile`` -> whether to torch.compile the network. ``auto`` compiles where it was
-    measured to pay: on a CPU with AMX, where the compiled bf16 network trains 1.4-1.5x faster
-    (float32 compiled: 1.04-1.06x, not worth a machine's first compile, 35-70 s), if a C++
-    compiler is there. On CUDA auto stays eager until bench/gpu.py has measured compile there."""
+    measured to pay (bench/RESULTS.md 4d and 8):
+
+    - on CUDA, where Triton is there: replayed as CUDA graphs (:func:`compile_mode`), the default
+      network trained 4.3x and the GPU preset 4.7x the steps/s of eager bf16 on an H200, after a
+      compile of 25 s and 76 s; eager, the GPU waits on the host's kernel launches;
+    - on a CPU with AMX, with a C++ compiler: the compiled bf16 network trains 1.4-1.5x faster
+      (float32 compiled: 1.04-1.06x, not worth a machine's first compile, 35-70 s)."""
     if setting != "auto":
         return bool(setting)
+    if device.type == "cuda":
+        return triton_available()
     return device.type == "cpu" and cpu_has_amx() and cxx_compiler_available()
 
 
+def compile_mode(setting: str, device: torch.device, world: int = 1) -> str:
+    """``train.compile_mode`` -> torch.compile's mode. ``auto``: reduce-overhead (CUDA graphs) for
+    one process on CUDA, where a small network's step is bound by kernel launches; torch's default
+    elsewhere (on CPU CUDA graphs do not apply; with several processes DDP's collectives would
+    have to live inside the graphs, which is not measured)."""
+    if setting != "auto":
+        return setting
+    return "reduce-overhead" if device.type == "cuda" and world == 1 else "default"
+
+
 def amp_dtype(precision: str, device: torch.device, compiled: bool = False) -> torch.dtype | None:
-    """``train.precision`` -> the autocast dtype, or None for plain float32. ``auto``: bf16 on
-    CUDA (float32 on GPUs without bf16), and on a CPU with AMX when the network is compiled
-    (eager bf16 on CPU measured no faster than float32: the casts eat the gain); else float32."""
+    """``train.precision`` -> the autocast dtype, or None for plain float32. ``auto``: bf16 where
+    the network is compiled, on CUDA (with bf16) and on a CPU with AMX; float32 otherwise (with
+    TF32 on CUDA). Eager, bf16's casts cost more than they save at these sizes: on CPU no faster
+    than float32; on an H200 the default network at batch 32 and the GPU preset at 128 trained
+    1.22x and 1.33x faster in float32 (TF32) than under eager bf16 autocast (bench/RESULTS.md 8)."""
     if precision == "fp32":
         return None
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         if precision == "bf16":
             raise ConfigError(f"train.precision=bf16 but {torch.cuda.get_device_name(device)} has no bfloat16 support; use fp32 or auto")
         return None  # auto on a pre-Ampere GPU: float32 (fp16 would need loss scaling)
-    if precision == "auto" and device.type != "cuda" and not (compiled and cpu_has_amx()):
+    if precision == "auto" and not (compiled and (device.type == "cuda" or cpu_has_amx())):
         return None
     return torch.bfloat16
 
@@ -196,21 +224,30 @@ def lr_lambda(warmup: int, total: int, schedule: str) -> Callable[[int], float]:
     return f
 
 
-def ema_warmup_multi_avg_fn(decay: float) -> Callable:
-    """EMA update for ``AveragedModel`` whose decay warms up: min(decay, (1 + n) / (10 + n)).
+def ema_decay(decay: float, n: int) -> float:
+    """The decay of the EMA update after ``n`` models have been averaged: min(decay, (1 + n) / (10 + n)).
 
-    torch's ``get_ema_multi_avg_fn`` uses a fixed decay from the first step, so after a short CPU
-    run (a few thousand steps at 0.999) a fifth of the EMA would still be the random
-    initialisation. The warm-up (as in diffusers' EMAModel) keeps early averages close to the model.
+    A fixed decay from the first step (torch's ``get_ema_multi_avg_fn``) would leave a fifth of the
+    EMA at the random initialisation after a short CPU run (a few thousand steps at 0.999). The
+    warm-up (as in diffusers' EMAModel) keeps early averages close to the model.
     """
+    return min(decay, (1 + n) / (10 + n))
 
-    @torch.no_grad()
-    def update(ema_params: list[torch.Tensor], params: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
-        n = int(num_averaged)
-        d = min(decay, (1 + n) / (10 + n))
-        torch._foreach_lerp_(ema_params, params, 1 - d)
 
-    return update
+@torch.no_grad()
+def ema_update(ema: AveragedModel, model: torch.nn.Module, n: int, decay: float) -> None:
+    """``AveragedModel.update_parameters`` with the warm-up decay, ``n`` being the number of models
+    averaged so far (``ema.n_averaged``), known to the caller. torch's method reads n_averaged back
+    from the device two or three times per call; on a GPU each read waits for all queued work, so
+    the host could not run ahead of the device. Parameters and buffers (``use_buffers=True``): the
+    first update copies, the others lerp with one multi-tensor kernel."""
+    averaged = [*ema.module.parameters(), *ema.module.buffers()]
+    current = [*model.parameters(), *model.buffers()]
+    if n == 0:
+        torch._foreach_copy_(averaged, current)
+    else:
+        torch._foreach_lerp_(averaged, current, 1 - ema_decay(decay, n))
+    ema.n_averaged += 1
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -271,6 +308,7 @@ class Trainer:
         self.is_main = self.dist.is_main
         self.device = resolve_device(self.tc.device, self.dist.local_rank if self.world > 1 else None)
         self.compiled = use_compile(self.tc.compile, self.device)
+        self.compile_mode = compile_mode(self.tc.compile_mode, self.device, self.world) if self.compiled else None
         self.amp_dtype = amp_dtype(self.tc.precision, self.device, self.compiled)
         self.x_train = to_model_range(train["images"]).to(self.device)
         self.y_train = train["labels"].to(self.device)
@@ -308,8 +346,8 @@ class Trainer:
             if self.rank > 0:  # dropout masks: a stream of its own per process (rank 0 keeps seed's)
                 torch.manual_seed(rank_seed(cfg.seed, self.rank))
         if self.compiled:
-            self.net = torch.compile(self.net)
-        self.ema = AveragedModel(self.model, multi_avg_fn=ema_warmup_multi_avg_fn(self.tc.ema_decay), use_buffers=True)
+            self.net = torch.compile(self.net, mode=None if self.compile_mode == "default" else self.compile_mode)
+        self.ema = AveragedModel(self.model, use_buffers=True)  # updated by ema_update (its file layout: module.*, n_averaged)
         self.optimizer = adamw(list(self.model.parameters()), self.tc.lr, self.tc.weight_decay, self.tc.adam_beta2)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(self.tc.warmup_steps, self.total_steps, self.tc.lr_schedule)
@@ -386,7 +424,7 @@ class Trainer:
     # train.precision and train.tf32 change the arithmetic itself (bf16 / TF32 matmuls), so a
     # checkpoint written with others is not resumed, nor one whose precision auto resolved otherwise
     # (bf16 when compiled on a CPU with AMX: turning train.compile off there changes the arithmetic).
-    RESUME_IGNORES = {"train.device", "train.num_threads", "train.checkpoint_every", "train.compile",
+    RESUME_IGNORES = {"train.device", "train.num_threads", "train.checkpoint_every", "train.compile", "train.compile_mode",
                       "train.memory_format", "data.root", "data.download"}
 
     def resume_mismatch(self, path: str | Path | None = None, obj: dict | None = None) -> str | None:
@@ -508,24 +546,50 @@ class Trainer:
         like the batch itself (:func:`random_hflip` with this rank's ``shard``)."""
         return random_hflip(x0, self.flip_gen, (self.rank, self.world)) if self.hflip else x0
 
-    def _train_step(self, x0: torch.Tensor, y: torch.Tensor) -> float:
+    def _train_step(self, x0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One optimizer step; returns the global batch's loss, still on the device. Nothing here
+        reads a value back from the device, so on a GPU the host queues the next step while this one
+        runs; :meth:`fit` reads the losses in blocks (:meth:`_record_losses`)."""
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.autocast):
             loss = self.diffusion(self.net, x0, y, self.tc.cond_drop_prob, self.noise_gen, shard=(self.rank, self.world))
         mean = self._mean_over_ranks(loss.detach())  # the global batch's loss; every rank sees it
-        if not torch.isfinite(mean):
-            raise TrainingDiverged(
-                f"training loss became {mean.item()} at step {self.step + 1}; the last good checkpoint "
-                f"{self.checkpoint_path} is kept (try a lower train.lr or a train.grad_clip > 0)"
-            )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.tc.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tc.grad_clip, foreach=True)
         self.optimizer.step()
         self.scheduler.step()
-        self.ema.update_parameters(self.model)  # the same on every rank: gradients were averaged
+        ema_update(self.ema, self.model, self.step, self.tc.ema_decay)  # the same on every rank: gradients were averaged
         self.step += 1
-        return float(mean)
+        return mean
+
+    def _record_losses(self, pending: list[tuple[int, int, float, torch.Tensor]]) -> float:
+        """Read the losses of ``pending`` steps (step, epoch, learning rate, loss on the device) in
+        one transfer, stop on the first that is not finite, append the records to the history and
+        call ``on_step`` for each, in order; returns the last loss. ``pending`` is emptied.
+
+        :meth:`fit` calls it every :attr:`LOSS_READ_EVERY` steps and before every checkpoint, so
+        a diverged run stops within that many steps and never overwrites the last good checkpoint.
+        Every rank calls it at the same steps (the losses are all-reduced), so all stop together."""
+        if not pending:
+            return float("nan")
+        losses = torch.stack([p[-1] for p in pending]).float().tolist()
+        for (step, epoch, lr, _), loss in zip(pending, losses):
+            if not math.isfinite(loss):
+                raise TrainingDiverged(
+                    f"training loss became {loss} at step {step}; the last good checkpoint "
+                    f"{self.checkpoint_path} is kept (try a lower train.lr or a train.grad_clip > 0)"
+                )
+            rec = {"step": step, "epoch": epoch, "loss": loss, "lr": lr}
+            self.history.train.append(rec)
+            if self.on_step and self.is_main:
+                self.on_step(step, rec)
+        pending.clear()
+        return losses[-1]
+
+    # How many steps run between two reads of the losses from the device: reading one waits for the
+    # device to finish all queued work, which on a GPU costs more than the small step itself.
+    LOSS_READ_EVERY = 25
 
     def fit(self, resume: bool = True, stop_after: int | None = None) -> TrainResult:
         """Train to ``train.epochs``; with ``resume`` continue from ``checkpoint.pt`` if present.
@@ -539,29 +603,31 @@ class Trainer:
         start_epoch, offset = divmod(self.step, self.steps_per_epoch)
         bar = progress_bar(total=self.total_steps, initial=self.step, desc="train", disable=not (self.progress and self.is_main))
         last_loss = float("nan")
-        t_start = time.perf_counter()
-        t_prev = t_start
+        pending: list[tuple[int, int, float, torch.Tensor]] = []
+        t_prev = time.perf_counter()
         for epoch in range(start_epoch, self.tc.epochs):
             self.sampler.set_epoch(epoch)
             mine = self.sampler.indices().to(self.device)  # this rank's share of the epoch permutation
             for i in range(offset, self.steps_per_epoch):
                 idx = mine[i * self.local_batch : (i + 1) * self.local_batch]
-                last_loss = self._train_step(self._augment(self.x_train[idx]), self.y_train[idx])
-                rec = {"step": self.step, "epoch": epoch + 1, "loss": last_loss, "lr": self.scheduler.get_last_lr()[0]}
-                self.history.train.append(rec)
-                if self.on_step and self.is_main:
-                    self.on_step(self.step, rec)
+                lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
+                loss = self._train_step(self._augment(self.x_train[idx]), self.y_train[idx])
+                pending.append((self.step, epoch + 1, lr, loss))
                 bar.update(1)
-                bar.set_postfix(loss=f"{last_loss:.4f}", epoch=epoch + 1)
                 end_of_epoch = i == self.steps_per_epoch - 1
+                checkpoint = self.step % self.tc.checkpoint_every == 0 or end_of_epoch
+                stop = stop_after is not None and self.step >= stop_after
+                if len(pending) >= self.LOSS_READ_EVERY or checkpoint or stop:
+                    last_loss = self._record_losses(pending)
+                    bar.set_postfix(loss=f"{last_loss:.4f}", epoch=epoch + 1)
                 if end_of_epoch and self.is_main:  # the other ranks go on and wait in the next all-reduce
                     self._end_epoch(epoch)
-                if self.step % self.tc.checkpoint_every == 0 or end_of_epoch:
+                if checkpoint:
                     now = time.perf_counter()
                     self.train_time_s += now - t_prev
                     t_prev = now
                     self.save_checkpoint()
-                if stop_after is not None and self.step >= stop_after:
+                if stop:
                     bar.close()
                     return self._result(last_loss)
             offset = 0

@@ -105,7 +105,7 @@ def main(
             if trainer.is_main:
                 typer.echo(f"resuming from {trainer.checkpoint_path}" if resume else f"starting over: {why}")
         if trainer.is_main:
-            compiled = ", compiled (a machine's first compile takes about a minute)" if trainer.compiled else ""
+            compiled = f", compiled ({trainer.compile_mode} mode; a machine's first compile takes about a minute)" if trainer.compiled else ""
             typer.echo(f"training on {trainer.device} in {trainer.precision}{compiled}")
             if not resume:
                 shutil.rmtree(out / "grids", ignore_errors=True)
@@ -150,6 +150,7 @@ def train_and_log(cfg, trainer: Trainer, stats: dict, resume: bool, out: Path, m
             "processes": trainer.world,
             "precision": trainer.precision,
             "compiled": trainer.compiled,
+            "compile_mode": trainer.compile_mode,
         }
         write_json(metrics, summary)
         write_csv(plots / "train_loss.csv", [{"step": r["step"], "epoch": r["epoch"], "loss": r["loss"], "lr": r["lr"]} for r in result.history.train])

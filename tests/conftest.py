@@ -41,7 +41,9 @@ TINY_MODEL = {"base_channels": 8, "channel_mult": [1, 2], "attention_resolutions
 def tiny_config(**groups):
     from diffusion_core.config import config_from_dict
 
-    raw = {"model": dict(TINY_MODEL), "diffusion": {"timesteps": 100}, "train": {"epochs": 2, "compile": False, "batch_size": 16, "grid_steps": 5, "grid_per_class": 1, "warmup_steps": 5, "checkpoint_every": 1000}}
+    # device cpu: the tests assert what auto resolves to on a CPU (layout, precision); a test of the
+    # GPU path asks for train.device=cuda (seen on a lent GPU: auto picked CUDA and a CPU test failed)
+    raw = {"model": dict(TINY_MODEL), "diffusion": {"timesteps": 100}, "train": {"device": "cpu", "epochs": 2, "compile": False, "batch_size": 16, "grid_steps": 5, "grid_per_class": 1, "warmup_steps": 5, "checkpoint_every": 1000}}
     for k, v in groups.items():
         raw.setdefault(k, {}).update(v) if isinstance(v, dict) else raw.__setitem__(k, v)
     return config_from_dict(raw)

@@ -87,8 +87,10 @@ def test_gpu_bench_runs_every_part_on_cpu(mnist5k, tmp_path, capsys):
 
     speed = table("### Throughput")
     assert [(r["network"], r["variant"], r["batch"]) for r in speed] == [
-        ("default", "batch 16", "16"), ("gpu-preset", "batch 16", "16"), ("gpu-preset", "fp32 (TF32)", "128")]
+        ("default", "batch 16", "16"), ("gpu-preset", "batch 16", "16"), ("default", "fp32 (TF32)", "32"),
+        ("gpu-preset", "fp32 (TF32)", "128")]
     assert all(float(r["images_per_s"]) > 0 and r["peak_mem_mib"] == "n/a" for r in speed)
+    assert [r["runs_as"] for r in speed] == ["bf16, eager"] * 2 + ["fp32, eager"] * 2  # part 1 pins eager
     assert "error" not in speed[0]
 
     final = {r["network"]: r for r in table("### Final samples")}
@@ -101,11 +103,13 @@ def test_gpu_bench_runs_every_part_on_cpu(mnist5k, tmp_path, capsys):
         assert all(0 <= float(r["accuracy"]) <= 1 and r["targets_met"] in ("True", "False") for r in epochs)
         assert int(final[network]["digits"]) == 30 and float(final[network]["fd"]) > 0
     # the preset trains at its own batch size, 128: 600 // 128 = 4 steps an epoch
-    assert final["gpu-preset"]["batch"] == "128"
+    assert final["gpu-preset"]["batch"] == "128" and final["default"]["runs_as"] == "fp32, eager"  # TINY: compile off
     assert int(final["gpu-preset"]["steps"]) == 4 * int(final["gpu-preset"]["epochs"])
     assert "### torch.compile" not in text
-    assert gpu.compile_runs(gpu.parse_args([])) == [("default", "torch.compile", {"train.compile": True}),
-                                                    ("gpu-preset", "torch.compile", {"train.compile": True})]
+    runs = gpu.compile_runs(gpu.parse_args(["--compile-modes", "reduce-overhead"]))
+    assert runs == [(n, "torch.compile reduce-overhead", {"train.compile": True, "train.compile_mode": "reduce-overhead"})
+                    for n in ("default", "gpu-preset")]
+    assert [v for _, v, _ in gpu.compile_runs(gpu.parse_args([]))] == ["torch.compile default"] * 2 + ["torch.compile reduce-overhead"] * 2
 
 
 def test_gpu_bench_failed_row_does_not_stop_the_run(mnist5k, capsys, monkeypatch):
@@ -121,15 +125,16 @@ def test_gpu_bench_failed_row_does_not_stop_the_run(mnist5k, capsys, monkeypatch
     gpu.main(["--device", "cpu", "--source", "mnist-5k", "--batch-sizes", "16", "--steps", "1", "--timings", "1",
               "--parts", "throughput", *TINY])
     out = capsys.readouterr().out
-    assert re.search(r"\| gpu-preset \| batch 16 \|( +\|){6} RuntimeError: CUDA out of memory \(simulated\) \|", out)
-    assert re.search(r"\| default \| batch 16 \| \d+ \| 16 \|", out)
+    assert re.search(r"\| gpu-preset \| batch 16 \|( +\|){7} RuntimeError: CUDA out of memory \(simulated\) \|", out)
+    assert re.search(r"\| default \| batch 16 \| bf16, eager \| \d+ \| 16 \|", out)
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--networks", "default,huge"], "--networks: unknown ['huge']"),
     (["--batch-sizes", "32,big"], "--batch-sizes: expected integers"),
-    (["--parts", "speed"], "--parts: expected some of throughput, quality, compile"),
+    (["--parts", "speed"], "--parts: expected some of throughput, compile, quality"),
     (["--budget-s", "0"], "--budget-s must be > 0"),
+    (["--compile-modes", "fast"], "--compile-modes: expected some of auto, default, reduce-overhead"),
     (["--set", "train.lr"], "--set: expected KEY=VALUE"),
     (["--set", "train.batch_size=0"], "train.batch_size"),
 ])

@@ -60,6 +60,61 @@ def test_a_few_hundred_steps_lower_the_validation_loss(mnist5k, tmp_path):
     assert res.val_loss_by_timestep[0] > res.val_loss_by_timestep[-1]
 
 
+def test_a_train_step_reads_nothing_back_from_the_device_and_fit_reads_losses_in_blocks(mnist5k, tmp_path, monkeypatch):
+    """On a GPU each value read back (.item(), float(), bool(), int()) waits for all queued work.
+    A step reads none: the loss stays on the device, the EMA's count is the trainer's step. fit()
+    reads the losses every LOSS_READ_EVERY steps and before checkpoints; the records are complete,
+    in order, and carry the learning rate each step used."""
+    from diffusion_core.trainer import lr_lambda
+
+    cfg = tiny_config(train={"epochs": 2, "warmup_steps": 5, "checkpoint_every": 1000})
+    train, val = small(mnist5k, n_train=16 * 30)  # 30 steps per epoch
+    seen = []
+    tr = Trainer(cfg, train, val, INFO, tmp_path, progress=False, on_step=lambda step, rec: seen.append(step))
+    x, y = tr.x_train[:16], tr.y_train[:16]
+    tr._train_step(x, y)  # the first step (the EMA's copy)
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+        orig = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _orig=orig, _name=name: (reads.append(_name), _orig(self, *a))[1])
+    losses = [tr._train_step(x, y) for _ in range(3)]
+    monkeypatch.undo()
+    assert reads == [] and all(torch.is_tensor(v) and v.dim() == 0 for v in losses)
+    assert int(tr.ema.n_averaged) == tr.step == 4
+
+    tr = Trainer(cfg, train, val, INFO, tmp_path / "fit", progress=False, on_step=lambda step, rec: seen.append(step))
+    seen.clear()
+    reads = []
+    read = Trainer._record_losses
+    monkeypatch.setattr(Trainer, "_record_losses", lambda self, pending: (reads.append(pending[-1][0]), read(self, pending))[1])
+    res = tr.fit(resume=False)
+    assert reads == [25, 30, 55, 60]  # every 25 steps, and at each epoch's end (its checkpoint)
+    assert seen == [r["step"] for r in res.history.train] == list(range(1, 61))
+    f = lr_lambda(5, 60, cfg.train.lr_schedule)
+    assert [r["lr"] for r in res.history.train[:7]] == pytest.approx([cfg.train.lr * f(s) for s in range(7)])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_train_step_never_waits_for_the_gpu(mnist5k, tmp_path):
+    """The same on CUDA, where it matters, with the product's diffusion settings (v-prediction,
+    logit-normal t, label dropout) on a tiny network: torch's sync debug mode raises on any
+    operation that makes the host wait for the device."""
+    from diffusion_core.config import load_config
+    from tiny_params import TINY_OVERRIDES
+
+    cfg = load_config("params.yaml", {**TINY_OVERRIDES, "train.device": "cuda", "train.cond_drop_prob": 0.2})
+    train, val = small(mnist5k)
+    tr = Trainer(cfg, train, val, INFO, tmp_path, progress=False)
+    x, y = tr.x_train[: tr.batch_size], tr.y_train[: tr.batch_size]
+    tr._train_step(x, y)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        losses = [tr._train_step(x, y) for _ in range(3)]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert all(v.is_cuda for v in losses) and tr.step == 4
+
+
 def test_grids_are_drawn_after_the_first_every_nth_and_the_last_epoch(mnist5k, tmp_path):
     cfg = tiny_config(train={"epochs": 5, "grid_every": 2})
     train, val = small(mnist5k, n_train=32)  # 2 steps per epoch
