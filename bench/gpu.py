@@ -4,7 +4,7 @@ Written for the few minutes of a lent GPU machine (issue 8), where a second try 
 part is guarded (a failure prints its traceback and the run goes on with the next part), training
 fits a time budget, and the tables are printed as each part ends.
 
-    python bench/gpu.py                          # on a CUDA machine: the three parts, about 8 minutes
+    python bench/gpu.py                          # on a CUDA machine: the three parts, about 7 minutes
     python bench/gpu.py --out gpu.md             # the tables also go to gpu.md
 
 On the device machine, ``bench/gpu.sh`` runs it from a carried folder ``.gpu/`` that holds full
@@ -93,7 +93,7 @@ def release(device: torch.device) -> None:
 
 
 def throughput_row(cfg: Config, splits: dict, steps: int, timings: int) -> dict:
-    """One row of part 1: a fresh Trainer for ``cfg``, timed by ``time_train_steps``."""
+    """One row of parts 1-2: a fresh Trainer for ``cfg``, timed by ``time_train_steps``."""
     with tempfile.TemporaryDirectory() as out:
         tr = make_trainer(cfg, splits, out)
         release(tr.device)
@@ -237,13 +237,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--device", default="auto", help="train.device (auto: CUDA when there is one)")
     ap.add_argument("--networks", default=",".join(NETWORKS), help=f"comma-separated, from {list(NETWORKS)}")
     ap.add_argument("--batch-sizes", default="32,128,512,2048", help="part 1's batch sizes")
-    ap.add_argument("--steps", type=int, default=20, help="part 1: steps per timing")
-    ap.add_argument("--timings", type=int, default=3, help="part 1: timings per row (the median is kept)")
-    ap.add_argument("--budget-s", type=float, default=100.0, help="part 2: training seconds per network")
-    ap.add_argument("--per-class", type=int, default=100, help="part 2: digits of each class judged after every epoch")
-    ap.add_argument("--final-per-class", type=int, default=200, help="part 2: digits of each class judged at the end")
+    ap.add_argument("--steps", type=int, default=20, help="parts 1-2: steps per timing")
+    ap.add_argument("--timings", type=int, default=3, help="parts 1-2: timings per row (the median is kept)")
+    ap.add_argument("--budget-s", type=float, default=60.0, help="part 3: training seconds per network (its compile comes on top)")
+    ap.add_argument("--per-class", type=int, default=100, help="part 3: digits of each class judged after every epoch")
+    ap.add_argument("--final-per-class", type=int, default=200, help="part 3: digits of each class judged at the end")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, run in this order: {', '.join(PARTS)}")
-    ap.add_argument("--compile-modes", default="default,reduce-overhead", help=f"part 2's train.compile_mode values, from {', '.join(COMPILE_MODES)}")
+    ap.add_argument("--compile-modes", default="reduce-overhead", help=f"part 2's train.compile_mode values, from {', '.join(COMPILE_MODES)}")
     ap.add_argument("--source", default="mnist", help="data.source (tests use mnist-5k)")
     ap.add_argument("--root", default=None, help="data.root holding MNIST/raw (default: bench/.cache, unpacked from ../shared)")
     ap.add_argument("--params", default="params.yaml")

@@ -109,7 +109,9 @@ def test_gpu_bench_runs_every_part_on_cpu(mnist5k, tmp_path, capsys):
     runs = gpu.compile_runs(gpu.parse_args(["--compile-modes", "reduce-overhead"]))
     assert runs == [(n, "torch.compile reduce-overhead", {"train.compile": True, "train.compile_mode": "reduce-overhead"})
                     for n in ("default", "gpu-preset")]
-    assert [v for _, v, _ in gpu.compile_runs(gpu.parse_args([]))] == ["torch.compile default"] * 2 + ["torch.compile reduce-overhead"] * 2
+    assert [v for _, v, _ in gpu.compile_runs(gpu.parse_args(["--compile-modes", "default,reduce-overhead"]))] == (
+        ["torch.compile default"] * 2 + ["torch.compile reduce-overhead"] * 2)
+    assert gpu.parse_args([]).compile_modes == ["reduce-overhead"]  # what auto resolves to on one GPU
 
 
 def test_gpu_bench_failed_row_does_not_stop_the_run(mnist5k, capsys, monkeypatch):
