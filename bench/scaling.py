@@ -14,6 +14,7 @@ the model is the default width with attention at 8x8 (the default's 7x7 does not
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -76,19 +77,38 @@ def run(spec: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
-    if "--one" in sys.argv:
-        print(json.dumps(one(json.loads(sys.argv[sys.argv.index("--one") + 1]))))
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; a bad or unknown argument stops here, before any row runs."""
+    from diffusion_core.data import DATASETS
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    what = ap.add_mutually_exclusive_group()
+    what.add_argument("--levers", action="store_true", help="speed levers at the default model, in interleaved rounds")
+    what.add_argument("--dataset", choices=sorted(DATASETS), help="one row at the default width, batch 32, on this dataset's image shape")
+    what.add_argument("--one", metavar="SPEC", help=argparse.SUPPRESS)  # a row in its own process (internal)
+    ap.add_argument("--repeats", type=int, default=None, help="--levers: rounds over all variants (default 3)")
+    ap.add_argument("--only", default=None, metavar="A,B", help="--levers: only the variants whose names contain one of these (params.yaml's row always runs)")
+    args = ap.parse_args(argv)
+    if (args.repeats is not None or args.only is not None) and not args.levers:
+        ap.error("--repeats and --only go with --levers")
+    if args.repeats is not None and args.repeats < 1:
+        ap.error(f"--repeats must be >= 1, got {args.repeats}")
+    args.repeats = args.repeats or 3
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.one:
+        print(json.dumps(one(json.loads(args.one))))
         return
     from diffusion_core.config import ModelConfig
 
     rows = []
-    if "--dataset" in sys.argv:
+    if args.dataset:
         from diffusion_core.data import DATASETS
 
-        source = sys.argv[sys.argv.index("--dataset") + 1]
-        if source not in DATASETS:
-            raise SystemExit(f"--dataset must be one of {sorted(DATASETS)}, got {source!r}")
+        source = args.dataset
         ds, width, batch = DATASETS[source], ModelConfig().base_channels, 32
         r = run({"width": width, "batch": batch, "dataset": source})
         rows.append({"dataset": source, "image": f"{ds.channels}x{ds.size}x{ds.size}", "width": width, "batch": batch,
@@ -96,8 +116,8 @@ def main() -> None:
         cmd = f"python bench/scaling.py --dataset {source}"
         if source == "cifar10":
             cmd += " (random uint8 images of CIFAR-10's shape with random horizontal flips; attention at 8x8)"
-    elif "--levers" in sys.argv:
-        repeats = int(sys.argv[sys.argv.index("--repeats") + 1]) if "--repeats" in sys.argv else 3
+    elif args.levers:
+        repeats = args.repeats
         base = {"width": ModelConfig().base_channels, "batch": 32}
         full_res = {"width": 16, "model": {"patch_size": 1, "channel_mult": [1, 2, 2], "attention_resolutions": [7]}}
         # Each row pins what its name says, so it means the same on any machine; the first is params.yaml
@@ -129,9 +149,12 @@ def main() -> None:
             ("conditioning add (linear, before 7g)", {"model": {"conditioning": "add"}}),
             ("conditioning silu_add", {"model": {"conditioning": "silu_add"}}),
         ]
-        if "--only" in sys.argv:  # comma-separated substrings of variant names; params.yaml's row always runs
-            wanted = [w.strip() for w in sys.argv[sys.argv.index("--only") + 1].split(",") if w.strip()]
-            variants = variants[:1] + [v for v in variants[1:] if any(w in v[0] for w in wanted)]
+        if args.only:  # comma-separated substrings of variant names; params.yaml's row always runs
+            wanted = [w.strip() for w in args.only.split(",") if w.strip()]
+            chosen = [v for v in variants[1:] if any(w in v[0] for w in wanted)]
+            if not chosen:
+                raise SystemExit(f"--only {args.only!r} matches no variant; the variants are: " + "; ".join(n for n, _ in variants[1:]))
+            variants = variants[:1] + chosen
         # Rounds over all variants, so the machine's slow spells hit every variant alike; the table
         # gives each variant's median over the rounds and the range of its images/s.
         runs: dict[str, list[dict]] = {name: [] for name, _ in variants}
@@ -146,8 +169,8 @@ def main() -> None:
             rows.append({"variant": name, "runs_as": runs[name][0]["runs_as"], "params": runs[name][0]["params"], **{k: round(v, 2) for k, v in med.items()},
                          "images_per_s_range": f"{min(ips):.0f}-{max(ips):.0f}", "vs_default": round(med["images_per_s"] / ref, 2)})
         cmd = f"python bench/scaling.py --levers --repeats {repeats}"
-        if "--only" in sys.argv:
-            cmd += f" --only '{sys.argv[sys.argv.index('--only') + 1]}'"
+        if args.only:
+            cmd += f" --only '{args.only}'"
     else:
         for width in (8, 16, 32):
             for batch in (16, 32, 64, 128):
