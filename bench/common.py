@@ -98,11 +98,12 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def md_table(rows: list[dict]) -> str:
+    """A markdown table of ``rows`` with the first row's columns (a later row may leave some empty)."""
     cols = list(rows[0])
 
     def fmt(v):
         return f"{v:.4g}" if isinstance(v, float) else str(v)
 
     out = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    out += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
+    out += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
     return "\n".join(out)

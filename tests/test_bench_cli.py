@@ -3,6 +3,8 @@
 bench/scaling.py once parsed sys.argv by hand, so ``--help`` (or a typo) silently started the
 full width x batch table, about 10 minutes of work."""
 
+import re
+
 import pytest
 
 from bench import scaling
@@ -29,3 +31,22 @@ def test_scaling_levers_only_must_match_a_variant(monkeypatch):
         scaling.main(["--levers", "--only", "zzz"])
     args = scaling.parse_args(["--levers"])
     assert args.levers and args.repeats == 3 and args.only is None
+
+
+def test_scaling_levers_report_a_failed_row_and_go_on(monkeypatch, capsys):
+    """A row whose process dies (held to AVX2, compiled bf16 once segfaulted) is a row with its
+    failure; the other rows are still measured, over every round."""
+    calls = []
+
+    def fake_run(spec):
+        calls.append(spec)
+        if spec.get("env"):
+            raise scaling.RowFailed("killed by signal 11; ")
+        return {"runs_as": "fp32, eager, NCHW", "params": 1, "steps_per_s": 2.0, "images_per_s": 64.0, "warmup_s": 0.1, "peak_rss_mib": 9.0}
+
+    monkeypatch.setattr(scaling, "run", fake_run)
+    scaling.main(["--levers", "--repeats", "2", "--only", "AVX2,1 thread"])
+    out = capsys.readouterr().out
+    assert len(calls) == 2 + 2 + 2 * 1  # params.yaml and "1 thread" twice; each held-to-AVX2 row once
+    assert out.count("| failed: killed by signal 11;  |") == 2
+    assert re.search(r"\| 1 thread \| fp32, eager, NCHW \| 1 \| 2 \| 64 \| 0.1 \| 9 \| 64-64 \| 1 \|", out)
