@@ -48,7 +48,7 @@ from bench.common import machine, md_table, parse_overrides, time_train_steps  #
 from diffusion_core.config import COMPILE_MODES, Config, ConfigError, load_config  # noqa: E402
 from diffusion_core.data import DATASETS, build_splits, to_uint8  # noqa: E402
 from diffusion_core.samplers import class_labels  # noqa: E402
-from diffusion_core.trainer import Trainer, amp_dtype, compile_mode, resolve_device, use_compile  # noqa: E402
+from diffusion_core.trainer import Trainer, precision_name, resolve_arithmetic, resolve_device  # noqa: E402
 from diffusion_core.unet import count_parameters  # noqa: E402
 from stages.sample import draw_configured  # noqa: E402
 
@@ -111,10 +111,8 @@ def runs_as(precision: str, mode: str | None) -> str:
 
 def resolved_runs_as(cfg: Config) -> str:
     """:func:`runs_as` of the Trainer ``cfg`` would build (one process), without building it."""
-    device = resolve_device(cfg.train.device)
-    compiled = use_compile(cfg.train.compile, device)
-    precision = "bf16" if amp_dtype(cfg.train.precision, device, compiled) is not None else "fp32"
-    return runs_as(precision, compile_mode(cfg.train.compile_mode, device) if compiled else None)
+    _, mode, dtype = resolve_arithmetic(cfg.train, resolve_device(cfg.train.device))
+    return runs_as(precision_name(dtype), mode)
 
 
 Speed = dict[tuple[str, int, str], float]  # steps/s by (network, batch size, runs_as)

@@ -180,6 +180,19 @@ def amp_dtype(precision: str, device: torch.device, compiled: bool = False) -> t
     return torch.bfloat16
 
 
+def resolve_arithmetic(tc, device: torch.device, world: int = 1) -> tuple[bool, str | None, torch.dtype | None]:
+    """What a Trainer with train settings ``tc`` runs as on ``device`` with ``world`` processes:
+    (compiled, torch.compile's mode or None when eager, autocast dtype or None for float32)."""
+    compiled = use_compile(tc.compile, device)
+    mode = compile_mode(tc.compile_mode, device, world) if compiled else None
+    return compiled, mode, amp_dtype(tc.precision, device, compiled)
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """An autocast dtype as train.json and checkpoints name it: bf16, or fp32 for none."""
+    return "bf16" if dtype is not None else "fp32"
+
+
 def set_tf32(enabled: bool) -> None:
     """TF32 tensor cores for float32 matmuls and cuDNN convolutions (CUDA, Ampere or newer)."""
     mode = "tf32" if enabled else "ieee"
@@ -307,9 +320,7 @@ class Trainer:
         self.rank, self.world = self.dist.rank, self.dist.world
         self.is_main = self.dist.is_main
         self.device = resolve_device(self.tc.device, self.dist.local_rank if self.world > 1 else None)
-        self.compiled = use_compile(self.tc.compile, self.device)
-        self.compile_mode = compile_mode(self.tc.compile_mode, self.device, self.world) if self.compiled else None
-        self.amp_dtype = amp_dtype(self.tc.precision, self.device, self.compiled)
+        self.compiled, self.compile_mode, self.amp_dtype = resolve_arithmetic(self.tc, self.device, self.world)
         self.x_train = to_model_range(train["images"]).to(self.device)
         self.y_train = train["labels"].to(self.device)
         self.x_val = to_model_range(val["images"]).to(self.device)
@@ -409,7 +420,7 @@ class Trainer:
     @property
     def precision(self) -> str:
         """The arithmetic training runs in, as ``train.precision=auto`` resolved: bf16 or fp32."""
-        return "bf16" if self.amp_dtype is not None else "fp32"
+        return precision_name(self.amp_dtype)
 
     def save_checkpoint(self) -> None:
         """Rank 0 writes; in a data-parallel run every rank must call it (see :meth:`state_dict`)."""
@@ -423,7 +434,7 @@ class Trainer:
     # or be compiled, and keep its progress, as it may move to another number of processes.
     # train.precision and train.tf32 change the arithmetic itself (bf16 / TF32 matmuls), so a
     # checkpoint written with others is not resumed, nor one whose precision auto resolved otherwise
-    # (bf16 when compiled on a CPU with AMX: turning train.compile off there changes the arithmetic).
+    # (bf16 when compiled, on CUDA or an AMX CPU: turning train.compile off there changes the arithmetic).
     RESUME_IGNORES = {"train.device", "train.num_threads", "train.checkpoint_every", "train.compile", "train.compile_mode",
                       "train.memory_format", "data.root", "data.download"}
 
