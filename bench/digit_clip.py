@@ -1,6 +1,6 @@
 """Accuracy of the dataset CLIP (digit-clip, the pipeline's own judge) against its training epochs.
 
-    python bench/digit_clip.py [--epochs 15,20,25] [--seeds 0,1]
+    python bench/digit_clip.py [--epochs 15,20,25] [--seeds 0,1] [--batch-size 64] [--lr 0.002]
 
 Trains digit-clip as the train_clip stage does (params.yaml's clip group, on the split that the
 prepare stage makes with params.yaml's seed); ``--seeds`` sets the CLIP's initialisation and batch
@@ -23,27 +23,32 @@ from diffusion_core.data import DATASETS, build_splits, dataset_prompts  # noqa:
 from diffusion_core.digit_clip import judge_from_model, train_digit_clip  # noqa: E402
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--epochs", default="15,20,25", help="comma-separated training epochs")
     ap.add_argument("--seeds", default="0,1", help="comma-separated seeds")
     ap.add_argument("--params", default="params.yaml")
-    args = ap.parse_args()
+    ap.add_argument("--batch-size", type=int, default=0, help="clip.digit_clip_batch_size (default: the params file's)")
+    ap.add_argument("--lr", type=float, default=0.0, help="clip.digit_clip_lr (default: the params file's)")
+    args = ap.parse_args(argv)
+    if args.batch_size < 0 or args.lr < 0:
+        raise SystemExit("--batch-size and --lr must not be negative (0 = the params file's)")
     cfg = load_config(args.params)
     c, d = cfg.clip, cfg.data
+    batch_size, lr = args.batch_size or c.digit_clip_batch_size, args.lr or c.digit_clip_lr
     splits = build_splits(d.source, d.root, cfg.seed, d.val_fraction, d.test_fraction, d.download, d.limit)
     names, templates = dataset_prompts({"source": d.source})
     rows = []
     for seed in (int(s) for s in args.seeds.split(",")):
         for epochs in (int(e) for e in args.epochs.split(",")):
             model, tok, pre, _, seconds = train_digit_clip(
-                splits["train"], names, epochs, c.digit_clip_batch_size, c.digit_clip_lr, c.digit_clip_width,
+                splits["train"], names, epochs, batch_size, lr, c.digit_clip_width,
                 c.digit_clip_layers, c.digit_clip_embed_dim, seed, templates=templates, progress=False,
                 hflip=DATASETS[d.source].hflip,
             )
             judge = judge_from_model(model, tok, pre)
             text = text_embeddings(judge, names, templates)
-            row = {"epochs": epochs, "seed": seed, "train_s": round(seconds, 1)}
+            row = {"epochs": epochs, "batch": batch_size, "lr": lr, "seed": seed, "train_s": round(seconds, 1)}
             for split in ("val", "test"):
                 images, labels = splits[split]["images"], splits[split]["labels"]
                 ok = judge_images(judge, images, labels, text, c.batch_size)[2] == labels
@@ -56,8 +61,9 @@ def main() -> None:
             rows.append(row)
             print(row, flush=True)
     print(f"Machine: {machine()}")
-    print(f"Command: `python bench/digit_clip.py --epochs {args.epochs} --seeds {args.seeds}` ({d.source}, "
-          f"batch {c.digit_clip_batch_size}, lr {c.digit_clip_lr}, width {c.digit_clip_width}, {c.digit_clip_layers} layers)\n")
+    flags = (f" --batch-size {args.batch_size}" if args.batch_size else "") + (f" --lr {args.lr:g}" if args.lr else "")
+    print(f"Command: `python bench/digit_clip.py --epochs {args.epochs} --seeds {args.seeds}{flags}` ({d.source}, "
+          f"width {c.digit_clip_width}, {c.digit_clip_layers} layers)\n")
     print(md_table(rows))
 
 

@@ -80,6 +80,15 @@ VARIANTS = {
     "default + bf16 + compile": {**V, **LN, **SS, **BF16},
     "default + bf16 + compile + 25 epochs": {**V, **LN, **SS, **BF16, "train.epochs": 25},
     "default + bf16 + compile + 30 epochs": {**V, **LN, **SS, **BF16, "train.epochs": 30},
+    # how FD falls with more training (compute) beyond the 6-minute budget
+    "default + bf16 + compile + 35 epochs": {**V, **LN, **SS, **BF16, "train.epochs": 35},
+    "default + bf16 + compile + 40 epochs": {**V, **LN, **SS, **BF16, "train.epochs": 40},
+    "default + bf16 + compile + 60 epochs": {**V, **LN, **SS, **BF16, "train.epochs": 60},
+    "default + bf16 + compile + 100 epochs": {**V, **LN, **SS, **BF16, "train.epochs": 100},
+    # the learning rate: its peak (train.lr, 0.002 by default) and its schedule after the warm-up
+    "default + lr 0.001": {**V, **LN, **SS, **BF16, "train.lr": 0.001},
+    "default + lr 0.003": {**V, **LN, **SS, **BF16, "train.lr": 0.003},
+    "default + constant lr": {**V, **LN, **SS, **BF16, "train.lr_schedule": "constant"},
 }
 # The same recipes with other seeds (another initialisation, batch order, training and sampling
 # noise; the same data split): how much of a difference between two rows is chance.
@@ -87,7 +96,8 @@ for _name in ("v", "v + logit-normal t", "v + logit-normal t + silu add", "v + l
               "v + logit-normal t + scale-shift + adam beta2 0.99", "v + logit-normal t + scale-shift + 30 epochs",
               "default + full MNIST 4k digits", "default + full MNIST 40k digits + 2 epochs", "default + width 24 + 24 epochs",
               "default + bf16 + compile", "default + bf16 + compile + 25 epochs",
-              "default + bf16 + compile + 30 epochs"):
+              "default + bf16 + compile + 30 epochs", "default + bf16 + compile + 35 epochs",
+              "default + bf16 + compile + 40 epochs", "default + lr 0.001", "default + lr 0.003", "default + constant lr"):
     for _seed in (1, 2):
         VARIANTS[f"{_name} + seed {_seed}"] = {**VARIANTS[_name], "seed": _seed}
 

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from bench import scaling
+from bench import digit_clip, scaling
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -50,3 +50,10 @@ def test_scaling_levers_report_a_failed_row_and_go_on(monkeypatch, capsys):
     assert len(calls) == 2 + 2 + 2 * 1  # params.yaml and "1 thread" twice; each held-to-AVX2 row once
     assert out.count("| failed: killed by signal 11;  |") == 2
     assert re.search(r"\| 1 thread \| fp32, eager, NCHW \| 1 \| 2 \| 64 \| 0.1 \| 9 \| 64-64 \| 1 \|", out)
+
+
+@pytest.mark.parametrize("argv", [["--batch-size", "-1"], ["--lr", "-0.002"]])
+def test_digit_clip_refuses_negative_overrides_before_training(argv, monkeypatch):
+    monkeypatch.setattr(digit_clip, "build_splits", lambda *a, **k: pytest.fail("the data was built"))
+    with pytest.raises(SystemExit, match="--batch-size and --lr must not be negative"):
+        digit_clip.main(argv)
