@@ -15,6 +15,7 @@ TINY_OVERRIDES = {
     "train.grid_steps": 5,
     "train.grid_per_class": 1,
     "sample.per_class": 4,
+    "sample.guidance_scale": 1.0,
     "sample.steps": 5,
     "sample.trajectory_per_class": 2,
     "sample.trajectory_points": 3,
