@@ -97,7 +97,7 @@ for _name in ("v", "v + logit-normal t", "v + logit-normal t + silu add", "v + l
               "default + full MNIST 4k digits", "default + full MNIST 40k digits + 2 epochs", "default + width 24 + 24 epochs",
               "default + bf16 + compile", "default + bf16 + compile + 25 epochs",
               "default + bf16 + compile + 30 epochs", "default + bf16 + compile + 35 epochs",
-              "default + bf16 + compile + 40 epochs", "default + lr 0.001", "default + lr 0.003", "default + constant lr"):
+              "default + bf16 + compile + 40 epochs", "default + bf16 + compile + 100 epochs", "default + lr 0.001", "default + lr 0.003", "default + constant lr"):
     for _seed in (1, 2):
         VARIANTS[f"{_name} + seed {_seed}"] = {**VARIANTS[_name], "seed": _seed}
 
