@@ -34,6 +34,8 @@ LN = {"diffusion.t_sampling": "logit_normal", "diffusion.t_logit_mean": 0.0, "di
 SS = {"model.conditioning": "scale_shift"}
 BF16 = {"train.precision": "bf16", "train.memory_format": "contiguous", "train.compile": True}  # params.yaml's auto on AMX
 FULL = {"data.source": "mnist", "data.root": str(CACHE), "data.download": False}
+DEFAULT = {**V, **LN, **SS, **BF16}  # params.yaml's recipe, pinned (compiled bf16, as auto resolves on AMX)
+LONGER_EPOCHS = (25, 30, 35, 40, 60, 100)
 VARIANTS = {
     "eps": EPS,
     "eps + min-snr-5": {**EPS, "diffusion.loss_weighting": "min_snr"},
@@ -77,27 +79,21 @@ VARIANTS = {
     "default + width 16 + 35 epochs": {**V, **LN, **SS, "model.base_channels": 16, "train.epochs": 35},
     # the same recipe at bf16 autocast, the network compiled (torch.compile fuses the casts with the
     # norms and activations; 1.38x the default's images/s here, bench/scaling.py --levers)
-    "default + bf16 + compile": {**V, **LN, **SS, **BF16},
-    "default + bf16 + compile + 25 epochs": {**V, **LN, **SS, **BF16, "train.epochs": 25},
-    "default + bf16 + compile + 30 epochs": {**V, **LN, **SS, **BF16, "train.epochs": 30},
-    # how FD falls with more training (compute) beyond the 6-minute budget
-    "default + bf16 + compile + 35 epochs": {**V, **LN, **SS, **BF16, "train.epochs": 35},
-    "default + bf16 + compile + 40 epochs": {**V, **LN, **SS, **BF16, "train.epochs": 40},
-    "default + bf16 + compile + 60 epochs": {**V, **LN, **SS, **BF16, "train.epochs": 60},
-    "default + bf16 + compile + 100 epochs": {**V, **LN, **SS, **BF16, "train.epochs": 100},
+    "default + bf16 + compile": DEFAULT,
+    # longer training: 25 and 30 epochs (7j), and how FD goes on falling beyond the 6-minute budget (7k)
+    **{f"default + bf16 + compile + {n} epochs": {**DEFAULT, "train.epochs": n} for n in LONGER_EPOCHS},
     # the learning rate: its peak (train.lr, 0.002 by default) and its schedule after the warm-up
-    "default + lr 0.001": {**V, **LN, **SS, **BF16, "train.lr": 0.001},
-    "default + lr 0.003": {**V, **LN, **SS, **BF16, "train.lr": 0.003},
-    "default + constant lr": {**V, **LN, **SS, **BF16, "train.lr_schedule": "constant"},
+    "default + lr 0.001": {**DEFAULT, "train.lr": 0.001},
+    "default + lr 0.003": {**DEFAULT, "train.lr": 0.003},
+    "default + constant lr": {**DEFAULT, "train.lr_schedule": "constant"},
 }
 # The same recipes with other seeds (another initialisation, batch order, training and sampling
 # noise; the same data split): how much of a difference between two rows is chance.
 for _name in ("v", "v + logit-normal t", "v + logit-normal t + silu add", "v + logit-normal t + scale-shift",
               "v + logit-normal t + scale-shift + adam beta2 0.99", "v + logit-normal t + scale-shift + 30 epochs",
               "default + full MNIST 4k digits", "default + full MNIST 40k digits + 2 epochs", "default + width 24 + 24 epochs",
-              "default + bf16 + compile", "default + bf16 + compile + 25 epochs",
-              "default + bf16 + compile + 30 epochs", "default + bf16 + compile + 35 epochs",
-              "default + bf16 + compile + 40 epochs", "default + bf16 + compile + 100 epochs", "default + lr 0.001", "default + lr 0.003", "default + constant lr"):
+              "default + bf16 + compile", *(f"default + bf16 + compile + {n} epochs" for n in LONGER_EPOCHS),
+              "default + lr 0.001", "default + lr 0.003", "default + constant lr"):
     for _seed in (1, 2):
         VARIANTS[f"{_name} + seed {_seed}"] = {**VARIANTS[_name], "seed": _seed}
 
