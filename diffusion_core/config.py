@@ -31,7 +31,8 @@ class ConfigError(ValueError):
 
 T_SAMPLINGS = ("uniform", "stratified", "logit_normal")  # diffusion.t_sampling (GaussianDiffusion)
 CONDITIONINGS = ("add", "silu_add", "scale_shift")  # model.conditioning (unet.ResBlock)
-COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # train.compile_mode (torch.compile)
+# train.compile_mode: torch.compile's modes, and cpp-wrapper (its default mode with inductor's C++ wrapper)
+COMPILE_MODES = ("auto", "default", "cpp-wrapper", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,7 +101,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 autocast when compiled, on CUDA or a CPU with AMX; else fp32) | fp32 | bf16
     tf32: bool = True  # CUDA only: TF32 tensor cores for the float32 matmuls and convolutions
     compile: bool | str = "auto"  # auto (on CUDA with Triton; on a CPU with AMX and a C++ compiler) | true | false: torch.compile the network for training
-    compile_mode: str = "auto"  # torch.compile's mode when compiled: auto (reduce-overhead on one GPU, else default) | default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
+    compile_mode: str = "auto"  # torch.compile's mode when compiled: auto (reduce-overhead on one GPU, cpp-wrapper on CPU, else default) | default | cpp-wrapper | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
     memory_format: str = "auto"  # auto (channels_last for float32 on CPU) | channels_last | contiguous
 
 

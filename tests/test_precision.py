@@ -41,7 +41,7 @@ def test_precision_setting_resolves_per_device():
     with pytest.raises(ConfigError, match="train.compile must be bool or str, got 1"):
         tiny_config(train={"compile": 1})
     assert tiny_config(train={"compile": "auto"}).train.compile == "auto"
-    with pytest.raises(ConfigError, match="train.compile_mode must be one of auto, default, reduce-overhead, .*got 'fast'"):
+    with pytest.raises(ConfigError, match="train.compile_mode must be one of auto, default, cpp-wrapper, reduce-overhead, .*got 'fast'"):
         tiny_config(train={"compile_mode": "fast"})
     assert tiny_config(train={"compile": True}).train.compile is True
 
@@ -60,7 +60,8 @@ def test_auto_compiles_in_bf16_only_on_a_cpu_with_amx_and_a_compiler(monkeypatch
     assert amp_dtype("auto", cpu, compiled=True) is (torch.bfloat16 if amx else None)
     assert amp_dtype("auto", cpu, compiled=False) is None  # eager bf16 was no faster
     assert amp_dtype("fp32", cpu, compiled=True) is None
-    assert compile_mode("auto", cpu) == "default"  # CUDA graphs are a GPU matter
+    assert compile_mode("auto", cpu) == "cpp-wrapper"  # CUDA graphs are a GPU matter; on CPU the C++ wrapper
+    assert compile_mode("auto", cpu, world=2) == "cpp-wrapper" and compile_mode("default", cpu) == "default"
 
 
 @pytest.mark.parametrize("triton", [True, False])
@@ -82,13 +83,14 @@ def test_auto_on_cuda_compiles_as_cuda_graphs_in_bf16_where_triton_is(monkeypatc
 
 def test_auto_on_an_amx_cpu_trains_compiled_bf16_that_tracks_fp32(mnist5k, tmp_path, monkeypatch):
     """The default on a CPU with AMX (forced here, so the path runs on any machine): the compiled
-    network trains under bf16 autocast in NCHW, its loss tracks a float32 eager run as the bf16
-    test's does, and a checkpoint of it is not resumed by a run whose auto resolves to float32."""
+    network (inductor's C++ wrapper around its kernels) trains under bf16 autocast in NCHW, its loss
+    tracks a float32 eager run as the bf16 test's does, and a checkpoint of it is not resumed by a run whose auto resolves to float32."""
     monkeypatch.setattr(trainer_mod, "cpu_has_amx", lambda: True)
     monkeypatch.setattr(trainer_mod, "cxx_compiler_available", lambda: True)
     _, ref, _ = run(tiny_config(train={"precision": "fp32"}), mnist5k, tmp_path / "fp32")
     tr, auto, _ = run(tiny_config(train={"compile": "auto"}), mnist5k, tmp_path / "auto")
     assert tr.compiled and tr.net is not tr.model and tr.amp_dtype is torch.bfloat16 and not tr.model.channels_last
+    assert tr.compile_mode == "cpp-wrapper"
     a = [r["loss"] for r in ref.history.train]
     b = [r["loss"] for r in auto.history.train]
     print(f"compiled bf16 vs fp32 over {len(a)} steps: max rel |dloss| {max(abs(x - y) / x for x, y in zip(a, b)):.2%}")
@@ -197,15 +199,18 @@ def test_cuda_bf16_tracks_fp32_and_auto_eager_is_fp32(mnist5k, tmp_path):
 
 
 def test_compile_mode_is_passed_to_torch_compile(mnist5k, tmp_path, monkeypatch):
-    """train.compile_mode reaches torch.compile (default: torch's own default mode, None); compiling
-    itself is lazy and is not run here (the compiled paths are trained above and, on CUDA, below)."""
+    """train.compile_mode reaches torch.compile (default: torch's own default mode, no arguments;
+    cpp-wrapper: inductor's cpp_wrapper option); compiling itself is lazy and is not run here (the
+    compiled paths are trained above and, on CUDA, below)."""
     seen = []
-    monkeypatch.setattr(trainer_mod.torch, "compile", lambda net, mode=None: seen.append(mode) or net)
+    monkeypatch.setattr(trainer_mod.torch, "compile", lambda net, **kwargs: seen.append(kwargs) or net)
+    settings = ("auto", "default", "cpp-wrapper", "reduce-overhead", "max-autotune")
     modes = [Trainer(tiny_config(train={"compile": True, "compile_mode": mode}), *splits(mnist5k), INFO, tmp_path / mode,
-                     progress=False).compile_mode for mode in ("auto", "default", "reduce-overhead", "max-autotune")]
-    assert modes == ["default", "default", "reduce-overhead", "max-autotune"]  # auto on CPU: default
+                     progress=False).compile_mode for mode in settings]
+    assert modes == ["cpp-wrapper", "default", "cpp-wrapper", "reduce-overhead", "max-autotune"]  # auto on CPU: cpp-wrapper
     tr = Trainer(tiny_config(train={"compile": False, "compile_mode": "reduce-overhead"}), *splits(mnist5k), INFO, tmp_path / "eager", progress=False)
-    assert seen == [None, None, "reduce-overhead", "max-autotune"] and tr.compile_mode is None
+    cpp = {"options": {"cpp_wrapper": True}}
+    assert seen == [cpp, {}, cpp, {"mode": "reduce-overhead"}, {"mode": "max-autotune"}] and tr.compile_mode is None
     eager = Trainer(tiny_config(), *splits(mnist5k), INFO, tmp_path / "a", progress=False)
     assert "train.compile_mode" in eager.RESUME_IGNORES  # kernels, not arithmetic: a run resumes across modes
 
