@@ -85,7 +85,8 @@ def digit_clip_steps(cfg, splits) -> dict:
     steps = {}
     for name, compact in (("digit-clip step: whole token table", False), ("digit-clip step: compact vocabulary", True)):
         torch.manual_seed(cfg.seed)
-        model, tok, pre = build(arch_config(x_all.shape[-1], c.digit_clip_width, c.digit_clip_layers, c.digit_clip_embed_dim, caption_tokens(captions)))
+        model, tok, pre = build(arch_config(x_all.shape[-1], c.digit_clip_width, c.digit_clip_layers, c.digit_clip_embed_dim,
+                                         caption_tokens(captions), c.digit_clip_patch_grid))
         tokens = tok(captions)
         if compact:
             tokens = CompactVocabulary(model, tokens).__enter__()  # never restored: this model is thrown away

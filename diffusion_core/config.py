@@ -134,6 +134,7 @@ class ClipConfig:
     digit_clip_width: int = 64
     digit_clip_layers: int = 2
     digit_clip_embed_dim: int = 64
+    digit_clip_patch_grid: int = 2  # the ViT cuts each image into grid x grid patches (2: 14x14 pixels at 28x28)
 
 
 @dataclass
@@ -385,6 +386,10 @@ def validate(cfg: Config) -> Config:
     _check(c.digit_clip_width >= 16 and c.digit_clip_width % 16 == 0, f"clip.digit_clip_width must be a multiple of 16, got {c.digit_clip_width}")
     _check(c.digit_clip_layers > 0, f"clip.digit_clip_layers must be > 0, got {c.digit_clip_layers}")
     _check(c.digit_clip_embed_dim > 0, f"clip.digit_clip_embed_dim must be > 0, got {c.digit_clip_embed_dim}")
+    _check(
+        c.digit_clip_patch_grid > 0 and image_size % c.digit_clip_patch_grid == 0,
+        f"clip.digit_clip_patch_grid must be > 0 and divide the image size {image_size}, got {c.digit_clip_patch_grid}",
+    )
     return cfg
 
 

@@ -40,11 +40,16 @@ def caption_tokens(captions: list[str]) -> int:
     return int((tokens != 0).sum(1).max())
 
 
-def arch_config(image_size: int, width: int, layers: int, embed_dim: int, context_length: int) -> dict[str, Any]:
+def arch_config(image_size: int, width: int, layers: int, embed_dim: int, context_length: int, patch_grid: int = 2) -> dict[str, Any]:
+    """open_clip's CLIP config for digit-clip: a ViT on ``patch_grid`` x ``patch_grid`` patches
+    (2: four 14x14-pixel patches at 28x28; over three seeds 95.6-97.2% zero-shot on real test digits
+    in 16-18 s of training, against 83.6-95.8% in 42-47 s for 4x4-pixel patches, bench/RESULTS.md 1)."""
+    if image_size % patch_grid:
+        raise ValueError(f"digit-clip patch grid {patch_grid} does not divide the image size {image_size}")
     heads_width = max(16, width // 2)
     return {
         "embed_dim": embed_dim,
-        "vision_cfg": {"layers": layers, "width": width, "head_width": heads_width, "patch_size": 4, "image_size": image_size},
+        "vision_cfg": {"layers": layers, "width": width, "head_width": heads_width, "patch_size": image_size // patch_grid, "image_size": image_size},
         "text_cfg": {"context_length": context_length, "vocab_size": 49408, "width": width, "heads": max(1, width // heads_width), "layers": layers},
     }
 
@@ -130,13 +135,15 @@ def train_digit_clip(
     hflip: bool = False,
     pad: str | None = None,
     compact_vocabulary: bool = True,
+    patch_grid: int = 2,
 ):
     """Train the dataset CLIP on captions ``templates`` x ``class_names`` (the caption names).
 
     ``hflip`` adds random horizontal flips, ``pad`` is :func:`random_shift`'s border fill (default:
     ``replicate`` for colour images, photos having no black background, else ``constant``).
     ``compact_vocabulary`` trains only the token-embedding rows the captions use
-    (:class:`CompactVocabulary`: the same result, a cheaper step). Returns
+    (:class:`CompactVocabulary`: the same result, a cheaper step); ``patch_grid`` is
+    :func:`arch_config`'s. Returns
     (model, tokenizer, preprocess, arch, seconds).
     """
     torch.manual_seed(seed)
@@ -146,7 +153,7 @@ def train_digit_clip(
     pad = pad or ("replicate" if x_all.shape[1] == 3 else "constant")
     prompts = class_prompts(class_names, templates)
     captions = [p for row in prompts for p in row]
-    arch = arch_config(x_all.shape[-1], width, layers, embed_dim, caption_tokens(captions))
+    arch = arch_config(x_all.shape[-1], width, layers, embed_dim, caption_tokens(captions), patch_grid)
     model, tokenizer, preprocess = build(arch)
     tokens = tokenizer(captions)  # [K*T, L]
     with ExitStack() as stack:

@@ -388,7 +388,8 @@ def test_dataset_clip_trains_on_cifar_captions_in_colour(cifar_root, tmp_path):
     params.write_text(yaml.safe_dump({
         "data": {"source": "cifar10", "root": str(cifar_root), "download": False},
         "model": {"attention_resolutions": [8]},
-        "clip": {"digit_clip_epochs": 1, "digit_clip_batch_size": 32, "digit_clip_width": 32, "digit_clip_layers": 1, "digit_clip_embed_dim": 16},
+        "clip": {"digit_clip_epochs": 1, "digit_clip_batch_size": 32, "digit_clip_width": 32, "digit_clip_layers": 1, "digit_clip_embed_dim": 16,
+                 "digit_clip_patch_grid": 8},  # 4x4-pixel patches (the default grid of 2 cuts 32x32 images into 16x16)
     }))
     prepare(params=params, out=tmp_path / "prep")
     out = tmp_path / "dc.pt"
