@@ -136,7 +136,7 @@ def test_gpu_bench_failed_row_does_not_stop_the_run(mnist5k, capsys, monkeypatch
     (["--batch-sizes", "32,big"], "--batch-sizes: expected integers"),
     (["--parts", "speed"], "--parts: expected some of throughput, compile, quality"),
     (["--budget-s", "0"], "--budget-s must be > 0"),
-    (["--compile-modes", "fast"], "--compile-modes: expected some of auto, default, reduce-overhead"),
+    (["--compile-modes", "fast"], "--compile-modes: expected some of auto, default, cpp-wrapper, reduce-overhead"),
     (["--set", "train.lr"], "--set: expected KEY=VALUE"),
     (["--set", "train.batch_size=0"], "train.batch_size"),
 ])
