@@ -29,6 +29,7 @@ from diffusion_core.checkpoint import load_model  # noqa: E402
 from diffusion_core.config import load_config  # noqa: E402
 from diffusion_core.data import to_uint8  # noqa: E402
 from diffusion_core.samplers import TIMESTEP_SPACINGS, class_labels, sampler_spec  # noqa: E402
+from diffusion_core.trainer import sampling_arithmetic  # noqa: E402
 from stages.sample import draw  # noqa: E402
 
 
@@ -82,8 +83,9 @@ def main() -> None:
         preds = []
         for seed in seeds:
             t0 = time.perf_counter()
-            images = draw(model, diffusion, labels, sampler, steps, eta, guidance, seed, shape, 250, progress=False,
-                          interval=interval, spacing=spacing)
+            with sampling_arithmetic(model, cfg.sample.precision):  # as the sample stage draws
+                images = draw(model, diffusion, labels, sampler, steps, eta, guidance, seed, shape, 250, progress=False,
+                              interval=interval, spacing=spacing)
             seconds = time.perf_counter() - t0
             q = quality(to_uint8(images), labels, judge)
             preds.append(q["pred"])
@@ -104,6 +106,7 @@ def main() -> None:
     cmd += f" --seeds {args.seeds}" if args.seeds else ""
     cmd += f" --spacing {args.spacing}" if args.spacing else ""
     cmd += f" --model {args.model}" if args.model != "models/model.pt" else ""
+    cmd += f" --params {args.params}" if args.params != "params.yaml" else ""
     print(f"Machine: {machine()}\nCommand: `python bench/samplers.py {cmd}` "
           f"(checkpoint {args.model}, {meta.get('steps')} training steps)\n")
     print(md_table(rows))

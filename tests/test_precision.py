@@ -11,7 +11,7 @@ from conftest import tiny_config
 from diffusion_core.config import ConfigError
 from diffusion_core.data import DATASETS
 import diffusion_core.trainer as trainer_mod
-from diffusion_core.trainer import Trainer, amp_dtype, compile_mode, use_compile
+from diffusion_core.trainer import Trainer, amp_dtype, compile_mode, sampling_dtype, use_compile
 
 INFO = {"channels": 1, "size": 28, "class_names": list(DATASETS["mnist-5k"].class_names)}
 
@@ -226,3 +226,37 @@ def test_cuda_graphs_training_tracks_eager(mnist5k, tmp_path):
     a = [r["loss"] for r in ref.history.train]
     b = [r["loss"] for r in graphs.history.train]
     assert len(a) == len(b) == 20 and max(abs(x - y) / x for x, y in zip(a, b)) < 1e-3
+
+
+def test_sampling_precision_resolves_and_bf16_draws_what_fp32_draws(mnist5k, tmp_path, monkeypatch):
+    """sample.precision: auto samples under bf16 autocast on a CPU with AMX (where the network
+    trains in bf16), in float32 elsewhere; fp32/bf16 force it. The network's forward passes run in
+    bf16 (NCHW), the solver in float32, and the digits come out as float32 draws do, to bf16's
+    rounding (a tiny trained model, a few solver steps)."""
+    from stages.sample import draw_configured
+
+    cpu = torch.device("cpu")
+    for amx in (True, False):
+        monkeypatch.setattr(trainer_mod, "cpu_has_amx", lambda amx=amx: amx)
+        assert sampling_dtype("auto", cpu) is (torch.bfloat16 if amx else None)
+        assert sampling_dtype("fp32", cpu) is None and sampling_dtype("bf16", cpu) is torch.bfloat16
+    with pytest.raises(ConfigError, match="sample.precision must be auto, fp32 or bf16, got 'fp16'"):
+        tiny_config(sample={"precision": "fp16"})
+
+    tr, _, _ = run(tiny_config(train={"precision": "fp32"}), mnist5k, tmp_path / "fp32")
+    model = tr.ema.module.eval()
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    dtypes = []
+    conv.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    labels = torch.arange(10).repeat(2)
+    draws = {}
+    for precision in ("fp32", "bf16"):
+        s = tiny_config(sample={"precision": precision, "steps": 5, "guidance_scale": 1.0}).sample
+        dtypes.clear()
+        draws[precision] = draw_configured(model, tr.diffusion, labels, s, 10, (1, 28, 28), progress=False)
+        assert set(dtypes) == {torch.float32 if precision == "fp32" else torch.bfloat16}
+        assert model.channels_last is (precision == "fp32")  # the layout measured fastest for each on CPU
+        assert draws[precision].dtype == torch.float32 and torch.isfinite(draws[precision]).all()
+    diff = (draws["fp32"] - draws["bf16"]).abs()
+    print(f"bf16 vs fp32 draws: mean |d| {diff.mean():.4f}, max {diff.max():.3f} (images in [-1, 1])")
+    assert 0 < diff.mean() < 0.005
