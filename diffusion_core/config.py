@@ -116,7 +116,7 @@ class SampleConfig:
     # [lo, hi]: guide only where lo <= t / (T - 1) <= hi (Kynkaanniemi et al. 2024); [0, 1] = every step
     guidance_interval: list[float] = field(default_factory=lambda: [0.0, 0.5])
     batch_size: int = 250
-    # the network while sampling: auto (bf16 autocast on a CPU with AMX: 1.3x faster, the same judged
+    # the network while sampling: auto (bf16 autocast on a CPU with AMX: 1.3-1.4x faster, the same judged
     # digits, bench/RESULTS.md 4f; float32 elsewhere) | fp32 | bf16
     precision: str = "auto"
     trajectory_per_class: int = 16  # digits per class whose reverse process is recorded

@@ -199,7 +199,7 @@ def amp_dtype(precision: str, device: torch.device, compiled: bool = False) -> t
 def sampling_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """``sample.precision`` -> the autocast dtype of the network while sampling, or None for
     float32. ``auto``: bf16 on a CPU with AMX, where the network trains in bf16 and eager bf16
-    sampling drew the default's 2,000 digits 1.3x faster, judged the same (bench/RESULTS.md 4f);
+    sampling drew the default's 2,000 digits 1.3-1.4x faster, judged the same (bench/RESULTS.md 4f);
     float32 elsewhere (on CUDA not measured). The solver's own arithmetic stays float32."""
     if precision == "fp32" or (precision == "auto" and not (device.type == "cpu" and cpu_has_amx())):
         return None
