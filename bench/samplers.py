@@ -29,7 +29,6 @@ from diffusion_core.checkpoint import load_model  # noqa: E402
 from diffusion_core.config import load_config  # noqa: E402
 from diffusion_core.data import to_uint8  # noqa: E402
 from diffusion_core.samplers import TIMESTEP_SPACINGS, class_labels, sampler_spec  # noqa: E402
-from diffusion_core.trainer import sampling_arithmetic  # noqa: E402
 from stages.sample import draw  # noqa: E402
 
 
@@ -83,9 +82,8 @@ def main() -> None:
         preds = []
         for seed in seeds:
             t0 = time.perf_counter()
-            with sampling_arithmetic(model, cfg.sample.precision):  # as the sample stage draws
-                images = draw(model, diffusion, labels, sampler, steps, eta, guidance, seed, shape, 250, progress=False,
-                              interval=interval, spacing=spacing)
+            images = draw(model, diffusion, labels, sampler, steps, eta, guidance, seed, shape, 250, progress=False,
+                          interval=interval, spacing=spacing, precision=cfg.sample.precision)  # as the sample stage draws
             seconds = time.perf_counter() - t0
             q = quality(to_uint8(images), labels, judge)
             preds.append(q["pred"])

@@ -179,17 +179,18 @@ def compile_kwargs(mode: str) -> dict:
     return {"mode": mode}
 
 
-def amp_dtype(precision: str, device: torch.device, compiled: bool = False) -> torch.dtype | None:
+def amp_dtype(precision: str, device: torch.device, compiled: bool = False, key: str = "train.precision") -> torch.dtype | None:
     """``train.precision`` -> the autocast dtype, or None for plain float32. ``auto``: bf16 where
     the network is compiled, on CUDA (with bf16) and on a CPU with AMX; float32 otherwise (with
     TF32 on CUDA). Eager, bf16's casts cost more than they save at these sizes: on CPU no faster
     than float32; on an H200 the default network at batch 32 and the GPU preset at 128 trained
-    1.22x and 1.33x faster in float32 (TF32) than under eager bf16 autocast (bench/RESULTS.md 8)."""
+    1.22x and 1.33x faster in float32 (TF32) than under eager bf16 autocast (bench/RESULTS.md 8).
+    ``key`` names the setting in the error for bf16 on a GPU without it."""
     if precision == "fp32":
         return None
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         if precision == "bf16":
-            raise ConfigError(f"train.precision=bf16 but {torch.cuda.get_device_name(device)} has no bfloat16 support; use fp32 or auto")
+            raise ConfigError(f"{key}=bf16 but {torch.cuda.get_device_name(device)} has no bfloat16 support; use fp32 or auto")
         return None  # auto on a pre-Ampere GPU: float32 (fp16 would need loss scaling)
     if precision == "auto" and not (compiled and (device.type == "cuda" or cpu_has_amx())):
         return None
@@ -201,11 +202,9 @@ def sampling_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     float32. ``auto``: bf16 on a CPU with AMX, where the network trains in bf16 and eager bf16
     sampling drew the default's 2,000 digits 1.3-1.4x faster, judged the same (bench/RESULTS.md 4f);
     float32 elsewhere (on CUDA not measured). The solver's own arithmetic stays float32."""
-    if precision == "fp32" or (precision == "auto" and not (device.type == "cpu" and cpu_has_amx())):
-        return None
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError(f"sample.precision=bf16 but {torch.cuda.get_device_name(device)} has no bfloat16 support; use fp32 or auto")
-    return torch.bfloat16
+    if precision == "auto" and device.type != "cpu":
+        precision = "fp32"
+    return amp_dtype(precision, device, compiled=True, key="sample.precision")  # auto on CPU: bf16 where AMX is
 
 
 @contextmanager

@@ -32,7 +32,7 @@ from diffusion_core.config import ConfigError, load_config
 from diffusion_core.data import DATASETS, to_uint8
 from diffusion_core.images import save_grid
 from diffusion_core.samplers import class_labels, guidance_at, make_scheduler, sample
-from diffusion_core.trainer import precision_name, resolve_device, sampling_arithmetic
+from diffusion_core.trainer import precision_name, resolve_device, sampling_arithmetic, sampling_dtype
 from stages._common import one_line_errors, write_json
 
 app = typer.Typer(add_completion=False)
@@ -40,28 +40,28 @@ app = typer.Typer(add_completion=False)
 
 def draw(model, diffusion, labels: torch.Tensor, sampler: str, steps: int, eta: float, guidance: float,
          seed: int, shape: tuple[int, ...], batch_size: int, progress: bool = True,
-         interval: Sequence[float] = (0.0, 1.0), spacing: str = "trailing") -> torch.Tensor:
+         interval: Sequence[float] = (0.0, 1.0), spacing: str = "trailing", precision: str = "auto") -> torch.Tensor:
     """Sample ``labels`` in batches with one seeded generator; returns [N, C, H, W] in [-1, 1].
     ``guidance`` applies inside ``interval`` (fractions of the timesteps, see ``samplers.guidance_at``);
-    ``spacing`` chooses the visited timesteps (``samplers.spaced_timesteps``)."""
+    ``spacing`` chooses the visited timesteps (``samplers.spaced_timesteps``); ``precision`` is
+    ``sample.precision`` (:func:`sampling_arithmetic`, which also sets the network's layout)."""
     g = torch.Generator().manual_seed(seed)
     out = []
     batches = list(torch.split(labels, batch_size))
-    for y in progress_bar(batches, desc=f"sampling ({sampler}, {len(labels)} images)", disable=not progress):
-        sched = make_scheduler(sampler, diffusion, steps, eta, spacing)
-        out.append(sample(model, diffusion, sched, y, guidance, g, shape=shape, guidance_interval=interval).images)
+    with sampling_arithmetic(model, precision):
+        for y in progress_bar(batches, desc=f"sampling ({sampler}, {len(labels)} images)", disable=not progress):
+            sched = make_scheduler(sampler, diffusion, steps, eta, spacing)
+            out.append(sample(model, diffusion, sched, y, guidance, g, shape=shape, guidance_interval=interval).images)
     return torch.cat(out)
 
 
 def draw_configured(model, diffusion, labels: torch.Tensor, s, seed: int, shape: tuple[int, ...], guidance: float | None = None,
                     interval: Sequence[float] | None = None, progress: bool = True) -> torch.Tensor:
     """:func:`draw` as the ``sample`` group of params.yaml (``s``, a SampleConfig) says: its sampler,
-    steps, eta, timestep spacing, batch size and precision (:func:`sampling_arithmetic`, which also
-    sets the network's layout); ``guidance`` and ``interval`` replace its own."""
-    with sampling_arithmetic(model, s.precision):
-        return draw(model, diffusion, labels, s.sampler, s.steps, s.eta, s.guidance_scale if guidance is None else guidance, seed,
-                    shape, s.batch_size, progress=progress, interval=s.guidance_interval if interval is None else interval,
-                    spacing=s.timestep_spacing)
+    steps, eta, timestep spacing, batch size and precision; ``guidance`` and ``interval`` replace its own."""
+    return draw(model, diffusion, labels, s.sampler, s.steps, s.eta, s.guidance_scale if guidance is None else guidance, seed,
+                shape, s.batch_size, progress=progress, interval=s.guidance_interval if interval is None else interval,
+                spacing=s.timestep_spacing, precision=s.precision)
 
 
 def resolve_class(names: list[str], klass: str | None, digit: int | None) -> int | None:
@@ -141,31 +141,31 @@ def main(
                             tracking.stage_params(cfg.flat(), "sample")) as run_id:
         import mlflow
 
-        with sampling_arithmetic(model, s.precision) as dtype:  # the network's arithmetic while sampling
-            labels = class_labels(len(names), s.per_class)
-            t0 = time.perf_counter()
-            images = draw_configured(model, diffusion, labels, s, cfg.seed + 10, shape)
-            seconds = time.perf_counter() - t0
-            save_samples(out_dir / "samples.npz", images, labels, names)
-            per_row = min(s.per_class, 10)
-            first = torch.cat([images[labels == c][:per_row] for c in range(len(names))])
-            save_grid(first, out_dir / "grid.png", nrow=per_row)
+        labels = class_labels(len(names), s.per_class)
+        t0 = time.perf_counter()
+        images = draw_configured(model, diffusion, labels, s, cfg.seed + 10, shape)
+        seconds = time.perf_counter() - t0
+        save_samples(out_dir / "samples.npz", images, labels, names)
+        per_row = min(s.per_class, 10)
+        first = torch.cat([images[labels == c][:per_row] for c in range(len(names))])
+        save_grid(first, out_dir / "grid.png", nrow=per_row)
 
-            traj_info = {}
-            sched = make_scheduler(s.sampler, diffusion, s.steps, s.eta, s.timestep_spacing)
-            if s.trajectory_per_class:
-                tl = class_labels(len(names), s.trajectory_per_class)
-                g = torch.Generator().manual_seed(cfg.seed + 11)
+        traj_info = {}
+        sched = make_scheduler(s.sampler, diffusion, s.steps, s.eta, s.timestep_spacing)
+        if s.trajectory_per_class:
+            tl = class_labels(len(names), s.trajectory_per_class)
+            g = torch.Generator().manual_seed(cfg.seed + 11)
+            with sampling_arithmetic(model, s.precision):
                 res = sample(model, diffusion, sched, tl, s.guidance_scale, g, shape=shape, trajectory_points=s.trajectory_points,
                              progress=True, guidance_interval=interval)
-                tr = res.trajectory
-                np.savez_compressed(
-                    out_dir / "trajectory.npz",
-                    fraction=tr.fraction.numpy(), timestep=tr.timestep.numpy(),
-                    x_t=tr.x_t.half().numpy(), x0=tr.x0.half().numpy(), labels=tl.numpy(),
-                    class_names=np.array(names),
-                )
-                traj_info = {"trajectory_images": len(tl), "trajectory_points": len(tr.fraction)}
+            tr = res.trajectory
+            np.savez_compressed(
+                out_dir / "trajectory.npz",
+                fraction=tr.fraction.numpy(), timestep=tr.timestep.numpy(),
+                x_t=tr.x_t.half().numpy(), x0=tr.x0.half().numpy(), labels=tl.numpy(),
+                class_names=np.array(names),
+            )
+            traj_info = {"trajectory_images": len(tl), "trajectory_points": len(tr.fraction)}
         timesteps = sched.timesteps.tolist()
         nfe = len(timesteps)
         guided = sum(guidance_at(t, diffusion.timesteps, s.guidance_scale, interval) > 0 for t in timesteps)
@@ -181,7 +181,7 @@ def main(
             "seconds_per_image": seconds / len(labels),
             "network_evaluations_per_image": nfe + guided,  # a guided step evaluates the network twice
             "device": str(device),
-            "precision": precision_name(dtype),
+            "precision": precision_name(sampling_dtype(s.precision, device)),
             "model_steps": meta.get("steps"),
             **traj_info,
         }

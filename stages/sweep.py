@@ -22,7 +22,7 @@ from diffusion_core.clip_judge import load_judge
 from diffusion_core.config import load_config
 from diffusion_core.data import dataset_prompts, load_split
 from diffusion_core.samplers import class_labels, sampler_spec
-from diffusion_core.trainer import resolve_device, sampling_arithmetic
+from diffusion_core.trainer import resolve_device
 from stages._common import one_line_errors, read_json
 from stages.evaluate import take_per_class
 from stages.sample import draw
@@ -57,9 +57,8 @@ def main(
     for kind, sampler, steps, g in runs:
         if (sampler, steps, g) not in drawn:  # the default sampler at the default w is in both sweeps: draw it once
             t0 = time.perf_counter()
-            with sampling_arithmetic(model, s.precision):
-                images = draw(model, diffusion, labels, sampler, steps, s.eta, g, cfg.seed + 20, shape, s.batch_size, progress=False,
-                              interval=s.guidance_interval, spacing=s.timestep_spacing)
+            images = draw(model, diffusion, labels, sampler, steps, s.eta, g, cfg.seed + 20, shape, s.batch_size, progress=False,
+                          interval=s.guidance_interval, spacing=s.timestep_spacing, precision=s.precision)
             drawn[sampler, steps, g] = images, time.perf_counter() - t0
         images, seconds = drawn[sampler, steps, g]
         emb, score, pred = judge_images(judge, images, labels, text, cfg.clip.batch_size)
