@@ -40,11 +40,12 @@ app = typer.Typer(add_completion=False)
 
 def draw(model, diffusion, labels: torch.Tensor, sampler: str, steps: int, eta: float, guidance: float,
          seed: int, shape: tuple[int, ...], batch_size: int, progress: bool = True,
-         interval: Sequence[float] = (0.0, 1.0), spacing: str = "trailing", precision: str = "auto") -> torch.Tensor:
+         interval: Sequence[float] = (0.0, 1.0), spacing: str = "trailing", precision: str = "fp32") -> torch.Tensor:
     """Sample ``labels`` in batches with one seeded generator; returns [N, C, H, W] in [-1, 1].
     ``guidance`` applies inside ``interval`` (fractions of the timesteps, see ``samplers.guidance_at``);
     ``spacing`` chooses the visited timesteps (``samplers.spaced_timesteps``); ``precision`` is
-    ``sample.precision`` (:func:`sampling_arithmetic`, which also sets the network's layout)."""
+    ``sample.precision`` (:func:`sampling_arithmetic`, which also sets the network's layout; the stages pass
+    params.yaml's, auto by default)."""
     g = torch.Generator().manual_seed(seed)
     out = []
     batches = list(torch.split(labels, batch_size))
