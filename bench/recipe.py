@@ -86,6 +86,10 @@ VARIANTS = {
     "default + lr 0.001": {**DEFAULT, "train.lr": 0.001},
     "default + lr 0.003": {**DEFAULT, "train.lr": 0.003},
     "default + constant lr": {**DEFAULT, "train.lr_schedule": "constant"},
+    # how often training drops the label (train.cond_drop_prob, 0.1 by default): the unconditional
+    # model that guidance subtracts against the conditional model's share of the steps, at 30 epochs
+    **{f"default + bf16 + compile + 30 epochs + label dropout {p:g}": {**DEFAULT, "train.epochs": 30, "train.cond_drop_prob": p}
+       for p in (0.05, 0.2)},
 }
 # The same recipes with other seeds (another initialisation, batch order, training and sampling
 # noise; the same data split): how much of a difference between two rows is chance.
@@ -93,7 +97,8 @@ for _name in ("v", "v + logit-normal t", "v + logit-normal t + silu add", "v + l
               "v + logit-normal t + scale-shift + adam beta2 0.99", "v + logit-normal t + scale-shift + 30 epochs",
               "default + full MNIST 4k digits", "default + full MNIST 40k digits + 2 epochs", "default + width 24 + 24 epochs",
               "default + bf16 + compile", *(f"default + bf16 + compile + {n} epochs" for n in LONGER_EPOCHS),
-              "default + lr 0.001", "default + lr 0.003", "default + constant lr"):
+              "default + lr 0.001", "default + lr 0.003", "default + constant lr",
+              *(f"default + bf16 + compile + 30 epochs + label dropout {p:g}" for p in (0.05, 0.2))):
     for _seed in (1, 2):
         VARIANTS[f"{_name} + seed {_seed}"] = {**VARIANTS[_name], "seed": _seed}
 
