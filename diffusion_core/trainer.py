@@ -653,6 +653,8 @@ class Trainer:
         self.net.train()
         start_epoch, offset = divmod(self.step, self.steps_per_epoch)
         bar = progress_bar(total=self.total_steps, initial=self.step, desc="train", disable=not (self.progress and self.is_main))
+        if self.compiled:  # the first step compiles: about a minute on a machine whose compile cache is empty
+            bar.set_postfix_str(f"compiling the network ({self.compile_mode}): about a minute the first time on a machine")
         last_loss = float("nan")
         pending: list[tuple[int, int, float, torch.Tensor]] = []
         t_prev = time.perf_counter()

@@ -129,6 +129,18 @@ def test_grids_are_drawn_after_the_first_every_nth_and_the_last_epoch(mnist5k, t
         tiny_config(train={"grid_every": 0})
 
 
+def test_a_compiled_run_says_it_is_compiling_before_the_first_step(mnist5k, tmp_path, capsys):
+    """The first compiled step takes about a minute on a fresh machine; the bar says why it stands at 0."""
+    train, val = small(mnist5k, n_train=32)
+    for compiled in (False, True):
+        tr = Trainer(tiny_config(train={"epochs": 1}), train, val, INFO, tmp_path / str(compiled), progress=True)
+        tr.compiled = compiled  # only the message is under test: the network itself stays eager
+        tr.fit(resume=False)
+        err = capsys.readouterr().err
+        assert ("compiling the network" in err) is compiled
+        assert "train" in err
+
+
 def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(mnist5k, tmp_path):
     cfg = tiny_config(train={"epochs": 2, "checkpoint_every": 2})
     train, val = small(mnist5k)
