@@ -95,8 +95,6 @@ def main(
     device = resolve_device(cfg.train.device)
 
     with tracking.stage_run("evaluate", samples / "run.json", out / "run.json", tracking.stage_params(cfg.flat(), "evaluate")) as run_id:
-        import mlflow
-
         summary = {}
         for entry in c.models:
             judge = load_judge(entry, device, digit_clip, expect_classes=prompt_names)

@@ -120,8 +120,6 @@ def main(
     sweep = pd.read_csv(sweep_path) if sweep_path.is_file() else None
 
     with tracking.stage_run("report", Path("evaluation/run.json"), None, tracking.stage_params(cfg.flat(), "report")) as run_id:
-        import mlflow
-
         judge0 = slug(cfg.clip.models[0])
         head = m_eval[judge0]
         md: list[str] = []

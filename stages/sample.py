@@ -140,8 +140,6 @@ def main(
     shape = (info["channels"], info["size"], info["size"])
     with tracking.stage_run("sample", model_path.parent / "run.json", out_dir / "run.json",
                             tracking.stage_params(cfg.flat(), "sample")) as run_id:
-        import mlflow
-
         labels = class_labels(len(names), s.per_class)
         t0 = time.perf_counter()
         images = draw_configured(model, diffusion, labels, s, cfg.seed + 10, shape)

@@ -123,8 +123,6 @@ def train_and_log(cfg, trainer: Trainer, stats: dict, resume: bool, out: Path, m
     flat = cfg.flat()
     params_logged = {**tracking.stage_params(flat, "prepare"), **tracking.stage_params(flat, "train")}
     with tracking.stage_run("train", None, out / "run.json", params_logged) as run_id:
-        import mlflow
-
         logger = MlflowLogger()
         trainer.on_step, trainer.on_epoch = logger.on_step, logger.on_epoch
         tracking.safe.set_tag("data.source", cfg.data.source)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_pipeline import REPO, run
+from test_pipeline import run
 from tiny_params import copy_project
 
 pytestmark = pytest.mark.slow
