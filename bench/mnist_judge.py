@@ -111,7 +111,15 @@ _REAL_CACHE: dict = {}
 
 
 def quality(images_uint8: torch.Tensor, labels: torch.Tensor, model: CNN | None = None) -> dict:
-    """Judged accuracy (overall, worst digit), FD to as many real test digits, and the real-vs-real FD."""
+    """Judged accuracy (overall, worst digit), FD to as many real test digits, and the real-vs-real FD.
+
+    ``fd`` / ``fd_real_vs_real``: against one fixed draw of ``n`` random test digits, the floor one
+    random draw of ``n`` training digits (every table in bench/RESULTS.md). ``fd_all_test`` /
+    ``fd_all_test_floor``: against all 10,000 test digits, so no draw of the reference moves it, the
+    floor ``n`` training digits with the generated set's own count of each digit (RESULTS 7l: the
+    random draw moves a set's FD by up to 5 points, and a class-balanced real set is nearer the
+    test digits than a random one).
+    """
     model = model or get_judge()
     pred, feat = judge(model, images_uint8)
     labels = labels.long()
@@ -122,6 +130,7 @@ def quality(images_uint8: torch.Tensor, labels: torch.Tensor, model: CNN | None 
         xtr, ytr = load_mnist(True)
         _REAL_CACHE["test"] = judge(model, xt)[1]
         _REAL_CACHE["train"] = judge(model, xtr[:10000])[1]
+        _REAL_CACHE["train_labels"] = ytr[:10000]
     g = torch.Generator().manual_seed(0)
     real = _REAL_CACHE["test"][torch.randperm(len(_REAL_CACHE["test"]), generator=g)[:n]]
     other = _REAL_CACHE["train"][torch.randperm(len(_REAL_CACHE["train"]), generator=g)[:n]]
@@ -131,9 +140,24 @@ def quality(images_uint8: torch.Tensor, labels: torch.Tensor, model: CNN | None 
         "worst_digit_accuracy": float(min(per)),
         "fd": frechet_distance(feat, real),
         "fd_real_vs_real": frechet_distance(other, real),
+        "fd_all_test": frechet_distance(feat, _REAL_CACHE["test"]),
+        "fd_all_test_floor": frechet_distance(_REAL_CACHE["train"][same_digits(_REAL_CACHE["train_labels"], labels)], _REAL_CACHE["test"]),
         "n": n,
         "pred": pred,
     }
+
+
+def same_digits(pool_labels: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """Indices into ``pool_labels`` with as many of each digit as ``labels`` holds (a fixed draw)."""
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.bincount(labels.long(), minlength=10)
+    picked = []
+    for c in range(10):
+        pool = (pool_labels == c).nonzero().flatten()
+        if int(counts[c]) > len(pool):
+            raise ValueError(f"{int(counts[c])} generated digits of class {c}, but only {len(pool)} real ones to match them")
+        picked.append(pool[torch.randperm(len(pool), generator=g)[: int(counts[c])]])
+    return torch.cat(picked)
 
 
 def training_digits_quality(per_class: int) -> dict:
