@@ -36,6 +36,7 @@ BF16 = {"train.precision": "bf16", "train.memory_format": "contiguous", "train.c
 FULL = {"data.source": "mnist", "data.root": str(CACHE), "data.download": False}
 DEFAULT = {**V, **LN, **SS, **BF16}  # params.yaml's recipe, pinned (compiled bf16, as auto resolves on AMX)
 LONGER_EPOCHS = (25, 30, 35, 40, 60, 100)
+LABEL_DROPOUTS = (0.05, 0.2)  # train.cond_drop_prob against the default's 0.1, at 30 epochs
 VARIANTS = {
     "eps": EPS,
     "eps + min-snr-5": {**EPS, "diffusion.loss_weighting": "min_snr"},
@@ -89,7 +90,7 @@ VARIANTS = {
     # how often training drops the label (train.cond_drop_prob, 0.1 by default): the unconditional
     # model that guidance subtracts against the conditional model's share of the steps, at 30 epochs
     **{f"default + bf16 + compile + 30 epochs + label dropout {p:g}": {**DEFAULT, "train.epochs": 30, "train.cond_drop_prob": p}
-       for p in (0.05, 0.2)},
+       for p in LABEL_DROPOUTS},
 }
 # The same recipes with other seeds (another initialisation, batch order, training and sampling
 # noise; the same data split): how much of a difference between two rows is chance.
@@ -98,7 +99,7 @@ for _name in ("v", "v + logit-normal t", "v + logit-normal t + silu add", "v + l
               "default + full MNIST 4k digits", "default + full MNIST 40k digits + 2 epochs", "default + width 24 + 24 epochs",
               "default + bf16 + compile", *(f"default + bf16 + compile + {n} epochs" for n in LONGER_EPOCHS),
               "default + lr 0.001", "default + lr 0.003", "default + constant lr",
-              *(f"default + bf16 + compile + 30 epochs + label dropout {p:g}" for p in (0.05, 0.2))):
+              *(f"default + bf16 + compile + 30 epochs + label dropout {p:g}" for p in LABEL_DROPOUTS)):
     for _seed in (1, 2):
         VARIANTS[f"{_name} + seed {_seed}"] = {**VARIANTS[_name], "seed": _seed}
 
