@@ -28,7 +28,9 @@ from diffusion_core.config import load_config  # noqa: E402
 # uniform t until logit-normal t won, section 7f).
 # The same holds for how the blocks take the embedding (model.conditioning: "add" until 7g), and for
 # the arithmetic: float32 eager, as every row before 7j (train.compile/precision auto compile bf16 on AMX).
-U = {"diffusion.t_sampling": "uniform", "model.conditioning": "add", "train.precision": "fp32", "train.compile": False}
+# So is the optimizer: AdamW for every row before section 7m (train.optimizer).
+U = {"diffusion.t_sampling": "uniform", "model.conditioning": "add", "train.precision": "fp32", "train.compile": False,
+     "train.optimizer": "adamw"}
 EPS, V = {"diffusion.prediction": "eps", **U}, {"diffusion.prediction": "v", **U}
 LN = {"diffusion.t_sampling": "logit_normal", "diffusion.t_logit_mean": 0.0, "diffusion.t_logit_std": 1.0}
 SS = {"model.conditioning": "scale_shift"}
@@ -37,6 +39,7 @@ FULL = {"data.source": "mnist", "data.root": str(CACHE), "data.download": False}
 DEFAULT = {**V, **LN, **SS, **BF16}  # params.yaml's recipe, pinned (compiled bf16, as auto resolves on AMX)
 LONGER_EPOCHS = (25, 30, 35, 40, 60, 100)
 LABEL_DROPOUTS = (0.05, 0.2)  # train.cond_drop_prob against the default's 0.1, at 30 epochs
+MUON_LRS = (0.004, 0.008)  # train.muon_lr: Muon's rate for the hidden matrices (AdamW keeps train.lr for the rest)
 VARIANTS = {
     "eps": EPS,
     "eps + min-snr-5": {**EPS, "diffusion.loss_weighting": "min_snr"},
@@ -91,6 +94,9 @@ VARIANTS = {
     # model that guidance subtracts against the conditional model's share of the steps, at 30 epochs
     **{f"default + bf16 + compile + 30 epochs + label dropout {p:g}": {**DEFAULT, "train.epochs": 30, "train.cond_drop_prob": p}
        for p in LABEL_DROPOUTS},
+    # the optimizer: Muon (orthogonalised momentum) for the hidden weight matrices, AdamW for the rest
+    **{f"default + bf16 + compile + 30 epochs + muon lr {lr:g}": {**DEFAULT, "train.epochs": 30, "train.optimizer": "muon", "train.muon_lr": lr}
+       for lr in MUON_LRS},
 }
 # The same recipes with other seeds (another initialisation, batch order, training and sampling
 # noise; the same data split): how much of a difference between two rows is chance.
@@ -99,7 +105,8 @@ for _name in ("v", "v + logit-normal t", "v + logit-normal t + silu add", "v + l
               "default + full MNIST 4k digits", "default + full MNIST 40k digits + 2 epochs", "default + width 24 + 24 epochs",
               "default + bf16 + compile", *(f"default + bf16 + compile + {n} epochs" for n in LONGER_EPOCHS),
               "default + lr 0.001", "default + lr 0.003", "default + constant lr",
-              *(f"default + bf16 + compile + 30 epochs + label dropout {p:g}" for p in LABEL_DROPOUTS)):
+              *(f"default + bf16 + compile + 30 epochs + label dropout {p:g}" for p in LABEL_DROPOUTS),
+              *(f"default + bf16 + compile + 30 epochs + muon lr {lr:g}" for lr in MUON_LRS)):
     for _seed in (1, 2):
         VARIANTS[f"{_name} + seed {_seed}"] = {**VARIANTS[_name], "seed": _seed}
 

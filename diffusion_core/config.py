@@ -31,6 +31,7 @@ class ConfigError(ValueError):
 
 T_SAMPLINGS = ("uniform", "stratified", "logit_normal")  # diffusion.t_sampling (GaussianDiffusion)
 CONDITIONINGS = ("add", "silu_add", "scale_shift")  # model.conditioning (unet.ResBlock)
+OPTIMIZERS = ("adamw", "muon")  # train.optimizer (optim.make_optimizer)
 # train.compile_mode: torch.compile's modes, and cpp-wrapper (its default mode with inductor's C++ wrapper)
 COMPILE_MODES = ("auto", "default", "cpp-wrapper", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -85,6 +86,9 @@ class TrainConfig:
     lr: float = 2e-3
     weight_decay: float = 0.0
     adam_beta2: float = 0.999  # AdamW's second-moment decay (beta1 stays 0.9)
+    optimizer: str = "muon"  # adamw | muon (Muon for the hidden weight matrices at muon_lr, AdamW at lr for the rest)
+    muon_lr: float = 4e-3  # Muon's rate, RMS-matched to AdamW's (scaled by 0.2 sqrt(max(rows, cols)) per matrix)
+    muon_momentum: float = 0.95  # Muon's Nesterov momentum
     warmup_steps: int = 100
     lr_schedule: str = "cosine"  # cosine | constant (after warmup)
     grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
@@ -112,7 +116,7 @@ class SampleConfig:
     steps: int = 10  # ignored by ddpm, which always takes diffusion.timesteps steps
     timestep_spacing: str = "trailing"  # trailing | logsnr | karras: which timesteps ddim and dpm++2m visit
     eta: float = 0.0  # DDIM stochasticity (0 = deterministic DDIM, 1 ~ DDPM)
-    guidance_scale: float = 0.75  # w in eps = eps_c + w (eps_c - eps_u); 0 = purely conditional
+    guidance_scale: float = 0.5  # w in eps = eps_c + w (eps_c - eps_u); 0 = purely conditional
     # [lo, hi]: guide only where lo <= t / (T - 1) <= hi (Kynkaanniemi et al. 2024); [0, 1] = every step
     guidance_interval: list[float] = field(default_factory=lambda: [0.0, 0.5])
     batch_size: int = 250
@@ -142,7 +146,7 @@ class ClipConfig:
 
 @dataclass
 class SweepConfig:
-    guidance_scales: list[float] = field(default_factory=lambda: [0.0, 0.75, 2.0, 4.0])
+    guidance_scales: list[float] = field(default_factory=lambda: [0.0, 0.5, 2.0, 4.0])
     samplers: list[str] = field(default_factory=lambda: ["ddim:10", "ddim:20", "dpm++2m:10", "dpm++2m:20"])  # name:steps
     per_class: int = 10
 
@@ -335,6 +339,9 @@ def validate(cfg: Config) -> Config:
     _check(t.grad_clip >= 0, f"train.grad_clip must be >= 0, got {t.grad_clip}")
     _check(0 <= t.ema_decay < 1, f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
     _check(0 < t.adam_beta2 < 1, f"train.adam_beta2 must be in (0, 1), got {t.adam_beta2}")
+    _check(t.optimizer in OPTIMIZERS, f"train.optimizer must be one of {list(OPTIMIZERS)}, got {t.optimizer!r}")
+    _check(t.muon_lr > 0, f"train.muon_lr must be > 0, got {t.muon_lr}")
+    _check(0 <= t.muon_momentum < 1, f"train.muon_momentum must be in [0, 1), got {t.muon_momentum}")
     _check(0 <= t.cond_drop_prob < 1, f"train.cond_drop_prob must be in [0, 1), got {t.cond_drop_prob}")
     _check(t.checkpoint_every > 0, f"train.checkpoint_every must be > 0, got {t.checkpoint_every}")
     _check(t.grid_sampler in SAMPLERS, f"train.grid_sampler must be one of {sorted(SAMPLERS)}, got {t.grid_sampler!r}")

@@ -1,8 +1,14 @@
-"""The optimizer both trainers use (the diffusion U-Net and the digit-clip judge)."""
+"""The optimizers: AdamW (both trainers: the diffusion U-Net and the digit-clip judge) and Muon
+for the U-Net's hidden weight matrices (``train.optimizer``)."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
+from torch import nn
+from torch.optim.adamw import adamw as adamw_step  # torch's functional AdamW (the fused kernel where there is one)
 
 
 def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float, beta2: float = 0.999) -> torch.optim.AdamW:
@@ -13,3 +19,129 @@ def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float, beta
         return torch.optim.AdamW(params, lr=lr, betas=(0.9, beta2), weight_decay=weight_decay, fused=True)
     except RuntimeError:  # a device without a fused kernel
         return torch.optim.AdamW(params, lr=lr, betas=(0.9, beta2), weight_decay=weight_decay)
+
+
+# Newton-Schulz coefficients of Muon (Jordan et al. 2024; torch.optim.Muon's defaults): a quintic
+# iteration tuned to push every singular value into about [0.7, 1.2] in 5 steps.
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def orthogonalize(G: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """About U V^T for G = U S V^T (each matrix of a batch [..., rows, cols]): the update with every
+    direction of G kept and its singular values set to about 1, by ``steps`` Newton-Schulz steps."""
+    a, b, c = NS_COEFFICIENTS
+    X = G / (G.norm(dim=(-2, -1), keepdim=True) + eps)  # singular values <= 1, where the iteration converges
+    tall = X.shape[-2] > X.shape[-1]
+    if tall:  # iterate on the smaller Gram matrix
+        X = X.mT
+    for _ in range(steps):
+        A = X @ X.mT
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.mT if tall else X
+
+
+def muon_update(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor], lr: torch.Tensor,
+                momentum: float, weight_decay: float, ns_steps: int) -> None:
+    """One Muon step for the matrices ``params`` (conv kernels as [out, in * kh * kw]): Nesterov
+    momentum, orthogonalised, scaled by 0.2 sqrt(max(rows, cols)) so its RMS matches a typical AdamW
+    update's (Liu et al. 2025, torch.optim.Muon's ``match_rms_adamw``). Matrices of one shape are
+    orthogonalised together, as one batch. ``lr`` is a tensor, so a compiled step takes a new rate
+    without recompiling."""
+    torch._foreach_lerp_(bufs, grads, 1 - momentum)
+    updates = torch._foreach_lerp(grads, bufs, momentum)  # Nesterov: the gradient pulled toward the momentum
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for i, p in enumerate(params):
+        by_shape.setdefault((p.shape[0], p[0].numel()), []).append(i)
+    for (rows, cols), idx in by_shape.items():
+        O = orthogonalize(torch.stack([updates[i].reshape(rows, cols) for i in idx]), ns_steps)
+        step = lr * (0.2 * math.sqrt(max(rows, cols)))
+        for j, i in enumerate(idx):
+            if weight_decay:
+                params[i].mul_(1 - lr * weight_decay)
+            params[i].sub_(O[j].view(params[i].shape) * step)
+
+
+def muon_split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(Muon's parameters, AdamW's): Muon takes the hidden layers' weight matrices and convolution
+    kernels; AdamW the biases, norms, embedding tables and the layers that read the input and write
+    the output (the model's ``io_layers``, top-level module names), as Muon's authors advise."""
+    io = set(getattr(model, "io_layers", ()))
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    matrices, rest = [], []
+    for name, p in model.named_parameters():
+        hidden = p.ndim >= 2 and id(p) not in tables and name.split(".")[0] not in io
+        (matrices if hidden else rest).append(p)
+    return matrices, rest
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon ("MomentUm Orthogonalized by Newton-Schulz") for ``matrices``, AdamW for ``others``, in
+    one optimizer: one state dict, one learning-rate schedule (it scales both groups' rates). Its
+    param groups: Muon's first, AdamW's last (so the last group's rate is ``adamw_lr``'s, as an
+    AdamW optimizer's only group is).
+
+    ``lr`` is Muon's rate (RMS-matched to AdamW's, :func:`muon_update`), ``adamw_lr`` the other
+    group's. The state is torch's: ``momentum_buffer`` per matrix, AdamW's ``exp_avg``,
+    ``exp_avg_sq`` and ``step``. ``compiled``: the Muon step runs torch.compile'd (on this CPU its
+    ~200 small ops cost 4.9 ms per step eager and 3.0 compiled, against 0.7 for fused AdamW).
+    """
+
+    def __init__(self, matrices: list[nn.Parameter], others: list[nn.Parameter], lr: float, adamw_lr: float,
+                 weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), momentum: float = 0.95,
+                 ns_steps: int = 5, eps: float = 1e-8, compiled: bool = False) -> None:
+        groups = [{"params": list(matrices), "use_muon": True, "lr": lr},
+                  {"params": list(others), "use_muon": False, "lr": adamw_lr}]
+        defaults = {"lr": lr, "weight_decay": weight_decay, "betas": betas, "momentum": momentum, "ns_steps": ns_steps, "eps": eps}
+        super().__init__([g for g in groups if g["params"]], defaults)
+        self._update: Callable[..., None] = torch.compile(muon_update, dynamic=False) if compiled else muon_update
+        self._lr: dict[torch.device, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                (self._muon_step if group["use_muon"] else self._adamw_step)(group, params)
+        return loss
+
+    def _muon_step(self, group: dict, params: list[torch.Tensor]) -> None:
+        bufs = []
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            bufs.append(state["momentum_buffer"])
+        device = params[0].device
+        lr = self._lr.setdefault(device, torch.zeros((), device=device))
+        lr.fill_(group["lr"])
+        self._update(params, [p.grad for p in params], bufs, lr, group["momentum"], group["weight_decay"], group["ns_steps"])
+
+    def _adamw_step(self, group: dict, params: list[torch.Tensor]) -> None:
+        fused = all(p.device.type in ("cpu", "cuda") for p in params)
+        for p in params:
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if fused else "cpu")
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        states = [self.state[p] for p in params]
+        beta1, beta2 = group["betas"]
+        adamw_step(
+            params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
+            [s["step"] for s in states], foreach=None if fused else True, fused=fused or None, amsgrad=False,
+            beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
+        )
+
+
+def make_optimizer(tc, model: nn.Module, compiled: bool = False) -> torch.optim.Optimizer:
+    """``train.optimizer`` for ``model``: ``adamw`` (fused) or ``muon`` (:class:`Muon` at
+    ``train.muon_lr`` for the hidden matrices, AdamW at ``train.lr`` for the rest). ``compiled``:
+    compile Muon's step too (the trainer passes whether it compiles the network)."""
+    if tc.optimizer == "muon":
+        matrices, others = muon_split(model)
+        return Muon(matrices, others, tc.muon_lr, tc.lr, tc.weight_decay, (0.9, tc.adam_beta2), tc.muon_momentum, compiled=compiled)
+    return adamw(list(model.parameters()), tc.lr, tc.weight_decay, tc.adam_beta2)

@@ -43,7 +43,7 @@ from diffusion_core.checkpoint import (
 from diffusion_core.config import Config, ConfigError
 from diffusion_core.data import DATASETS, random_hflip, to_model_range
 from diffusion_core.images import save_grid
-from diffusion_core.optim import adamw
+from diffusion_core.optim import make_optimizer
 from diffusion_core.samplers import class_labels, make_scheduler, sample
 from diffusion_core.unet import use_channels_last
 
@@ -399,7 +399,7 @@ class Trainer:
         if self.compiled:
             self.net = torch.compile(self.net, **compile_kwargs(self.compile_mode))
         self.ema = AveragedModel(self.model, use_buffers=True)  # updated by ema_update (its file layout: module.*, n_averaged)
-        self.optimizer = adamw(list(self.model.parameters()), self.tc.lr, self.tc.weight_decay, self.tc.adam_beta2)
+        self.optimizer = make_optimizer(self.tc, self.model, compiled=self.compiled)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(self.tc.warmup_steps, self.total_steps, self.tc.lr_schedule)
         )
@@ -663,7 +663,7 @@ class Trainer:
             mine = self.sampler.indices().to(self.device)  # this rank's share of the epoch permutation
             for i in range(offset, self.steps_per_epoch):
                 idx = mine[i * self.local_batch : (i + 1) * self.local_batch]
-                lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
+                lr = self.scheduler.get_last_lr()[-1]  # the rate this step uses: train.lr's (AdamW's group comes last)
                 loss = self._train_step(self._augment(self.x_train[idx]), self.y_train[idx])
                 pending.append((self.step, epoch + 1, lr, loss))
                 bar.update(1)

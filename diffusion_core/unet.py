@@ -143,6 +143,7 @@ class UNet(nn.Module):
 
         folded = in_channels * patch_size * patch_size  # channels after pixel_unshuffle
         self.conv_in = nn.Conv2d(folded, base_channels, 3, padding=1)
+        self.io_layers = ("conv_in", "conv_out")  # read the input / write the output: AdamW's under train.optimizer muon
         self.down = nn.ModuleList()
         skip_chs = [base_channels]
         ch = base_channels

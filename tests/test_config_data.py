@@ -42,6 +42,9 @@ from diffusion_core.data import DataError, build_splits, load_split, save_splits
         ({"seed": 1.5}, "seed must be an integer"),
         ({"train": {"ema_decay": 1.0}}, "train.ema_decay must be in [0, 1)"),
         ({"train": {"adam_beta2": 1.0}}, "train.adam_beta2 must be in (0, 1), got 1.0"),
+        ({"train": {"optimizer": "sgd"}}, "train.optimizer must be one of ['adamw', 'muon'], got 'sgd'"),
+        ({"train": {"muon_lr": 0.0}}, "train.muon_lr must be > 0, got 0.0"),
+        ({"train": {"muon_momentum": 1.0}}, "train.muon_momentum must be in [0, 1), got 1.0"),
     ],
 )
 def test_bad_config_names_the_key(raw, message):

@@ -133,15 +133,18 @@ def test_bf16_autocast_training_loss_tracks_fp32(mnist5k, tmp_path):
     assert "train.precision" in other.resume_mismatch()
 
 
-def test_channels_last_training_matches_contiguous_and_resumes_across_layouts(mnist5k, tmp_path):
-    """train.memory_format=auto trains channels-last on CPU in float32 (with the fused AdamW step):
-    the losses match an NCHW run to float rounding, model.pt holds plain NCHW tensors, and a
-    checkpoint resumes in the other layout (Adam's moments take the parameters' layout)."""
-    tr, cl, _ = run(tiny_config(), mnist5k, tmp_path / "cl")
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_channels_last_training_matches_contiguous_and_resumes_across_layouts(mnist5k, tmp_path, optimizer):
+    """train.memory_format=auto trains channels-last on CPU in float32 (with the fused AdamW step, or
+    Muon's, which reshapes each kernel to a matrix): the losses match an NCHW run to float rounding,
+    model.pt holds plain NCHW tensors, and a checkpoint resumes in the other layout (Adam's moments
+    and Muon's momentum take the parameters' layout)."""
+    opt = {"optimizer": optimizer}
+    tr, cl, _ = run(tiny_config(train=opt), mnist5k, tmp_path / "cl")
     assert tr.model.channels_last and tr.ema.module.channels_last
     assert tr.model.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
-    assert tr.optimizer.defaults["fused"]
-    _, nchw, _ = run(tiny_config(train={"memory_format": "contiguous"}), mnist5k, tmp_path / "nchw")
+    assert tr.optimizer.defaults["fused"] if optimizer == "adamw" else "momentum_buffer" in tr.optimizer.state[tr.model.mid1.conv1.weight]
+    _, nchw, _ = run(tiny_config(train={"memory_format": "contiguous", **opt}), mnist5k, tmp_path / "nchw")
     a = [r["loss"] for r in cl.history.train]
     b = [r["loss"] for r in nchw.history.train]
     print(f"channels_last vs NCHW: max |dloss| {max(abs(x - y) for x, y in zip(a, b)):.2e}")
@@ -149,8 +152,8 @@ def test_channels_last_training_matches_contiguous_and_resumes_across_layouts(mn
     model_file = torch.load(tmp_path / "cl" / "model.pt", weights_only=True)
     assert all(v.is_contiguous() for v in model_file["model"].values())
     # 10 steps channels-last, then resumed NCHW: the same run as 20 steps channels-last
-    Trainer(tiny_config(), *splits(mnist5k), INFO, tmp_path / "mixed", progress=False).fit(resume=False, stop_after=10)
-    other = Trainer(tiny_config(train={"memory_format": "contiguous"}), *splits(mnist5k), INFO, tmp_path / "mixed", progress=False)
+    Trainer(tiny_config(train=opt), *splits(mnist5k), INFO, tmp_path / "mixed", progress=False).fit(resume=False, stop_after=10)
+    other = Trainer(tiny_config(train={"memory_format": "contiguous", **opt}), *splits(mnist5k), INFO, tmp_path / "mixed", progress=False)
     assert other.resume_mismatch() is None
     mixed = other.fit(resume=True)
     assert not other.model.channels_last
@@ -201,9 +204,10 @@ def test_cuda_bf16_tracks_fp32_and_auto_eager_is_fp32(mnist5k, tmp_path):
 def test_compile_mode_is_passed_to_torch_compile(mnist5k, tmp_path, monkeypatch):
     """train.compile_mode reaches torch.compile (default: torch's own default mode, no arguments;
     cpp-wrapper: inductor's cpp_wrapper option); compiling itself is lazy and is not run here (the
-    compiled paths are trained above and, on CUDA, below)."""
-    seen = []
-    monkeypatch.setattr(trainer_mod.torch, "compile", lambda net, **kwargs: seen.append(kwargs) or net)
+    compiled paths are trained above and, on CUDA, below). Muon's step is compiled where the network is."""
+    seen, functions = [], []  # the network's compile calls; other functions' (Muon's step)
+    monkeypatch.setattr(trainer_mod.torch, "compile",
+                        lambda fn, **kwargs: (seen if isinstance(fn, torch.nn.Module) else functions).append(kwargs) or fn)
     settings = ("auto", "default", "cpp-wrapper", "reduce-overhead", "max-autotune")
     modes = [Trainer(tiny_config(train={"compile": True, "compile_mode": mode}), *splits(mnist5k), INFO, tmp_path / mode,
                      progress=False).compile_mode for mode in settings]
@@ -211,6 +215,7 @@ def test_compile_mode_is_passed_to_torch_compile(mnist5k, tmp_path, monkeypatch)
     tr = Trainer(tiny_config(train={"compile": False, "compile_mode": "reduce-overhead"}), *splits(mnist5k), INFO, tmp_path / "eager", progress=False)
     cpp = {"options": {"cpp_wrapper": True}}
     assert seen == [cpp, {}, cpp, {"mode": "reduce-overhead"}, {"mode": "max-autotune"}] and tr.compile_mode is None
+    assert functions == [{"dynamic": False}] * len(settings)  # train.optimizer muon: its step compiled with the network
     eager = Trainer(tiny_config(), *splits(mnist5k), INFO, tmp_path / "a", progress=False)
     assert "train.compile_mode" in eager.RESUME_IGNORES  # kernels, not arithmetic: a run resumes across modes
 

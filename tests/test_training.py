@@ -18,8 +18,9 @@ def small(splits, n_train=96, n_val=64):
     return ({k: v[:n_train] for k, v in splits["train"].items()}, {k: v[:n_val] for k, v in splits["val"].items()})
 
 
-def test_resume_mid_run_gives_the_same_weights_as_an_uninterrupted_run(mnist5k, tmp_path):
-    cfg = tiny_config(train={"epochs": 3, "checkpoint_every": 4, "cond_drop_prob": 0.3}, model={"dropout": 0.1})
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_mid_run_gives_the_same_weights_as_an_uninterrupted_run(mnist5k, tmp_path, optimizer):
+    cfg = tiny_config(train={"epochs": 3, "checkpoint_every": 4, "cond_drop_prob": 0.3, "optimizer": optimizer}, model={"dropout": 0.1})
     train, val = small(mnist5k)  # 96 images / batch 16 = 6 steps per epoch, 18 in all
     full = Trainer(cfg, train, val, INFO, tmp_path / "a", progress=False)
     res_full = full.fit(resume=False)
@@ -41,8 +42,9 @@ def test_resume_mid_run_gives_the_same_weights_as_an_uninterrupted_run(mnist5k, 
     assert res_full.final_val_loss == res_resumed.final_val_loss
 
 
-def test_a_few_hundred_steps_lower_the_validation_loss(mnist5k, tmp_path):
-    cfg = tiny_config(diffusion={"prediction": "eps"}, train={"epochs": 1, "batch_size": 16, "lr": 3e-3, "ema_decay": 0.99})
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_a_few_hundred_steps_lower_the_validation_loss(mnist5k, tmp_path, optimizer):
+    cfg = tiny_config(diffusion={"prediction": "eps"}, train={"epochs": 1, "batch_size": 16, "lr": 3e-3, "ema_decay": 0.99, "optimizer": optimizer})
     train = {k: v[:3200] for k, v in mnist5k["train"].items()}  # 200 steps
     val = {k: v[:200] for k, v in mnist5k["val"].items()}
     tr = Trainer(cfg, train, val, INFO, tmp_path, progress=False)
@@ -256,3 +258,13 @@ def test_adam_beta2_reaches_the_optimizer_and_a_change_starts_over(mnist5k, tmp_
     other = Trainer(tiny_config(), train, val, INFO, tmp_path, progress=False)
     assert other.optimizer.param_groups[0]["betas"] == (0.9, 0.999)
     assert "train.adam_beta2" in other.resume_mismatch()
+
+
+def test_a_checkpoint_trained_with_another_optimizer_starts_over(mnist5k, tmp_path):
+    train, val = small(mnist5k)
+    tr = Trainer(tiny_config(train={"optimizer": "muon", "checkpoint_every": 1}), train, val, INFO, tmp_path, progress=False)
+    tr.fit(resume=False, stop_after=2)
+    assert {"momentum_buffer"} in [set(s) for s in tr.optimizer.state.values()]
+    assert "train.optimizer" in Trainer(tiny_config(train={"optimizer": "adamw"}), train, val, INFO, tmp_path, progress=False).resume_mismatch()
+    assert "train.muon_lr" in Trainer(tiny_config(train={"optimizer": "muon", "muon_lr": 0.02}), train, val, INFO, tmp_path,
+                                      progress=False).resume_mismatch()
