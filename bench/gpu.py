@@ -62,6 +62,7 @@ GPU_PRESET: dict[str, Any] = {
     "train.batch_size": 128,
     "train.lr": 0.0005,
     "train.ema_decay": 0.9995,
+    "train.optimizer": "adamw",  # as measured in bench/RESULTS.md 8 (Muon, the CPU default since 7m, is not yet tuned there)
 }
 NETWORKS = {"default": {}, "gpu-preset": GPU_PRESET}
 PRESET_EPOCHS = 30  # the README preset's train.epochs: the most a budgeted run is given

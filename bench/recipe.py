@@ -97,6 +97,7 @@ VARIANTS = {
     # the optimizer: Muon (orthogonalised momentum) for the hidden weight matrices, AdamW for the rest
     **{f"default + bf16 + compile + 30 epochs + muon lr {lr:g}": {**DEFAULT, "train.epochs": 30, "train.optimizer": "muon", "train.muon_lr": lr}
        for lr in MUON_LRS},
+    "default + bf16 + compile + 40 epochs + muon lr 0.004": {**DEFAULT, "train.epochs": 40, "train.optimizer": "muon", "train.muon_lr": 0.004},
 }
 # The same recipes with other seeds (another initialisation, batch order, training and sampling
 # noise; the same data split): how much of a difference between two rows is chance.
@@ -106,7 +107,8 @@ for _name in ("v", "v + logit-normal t", "v + logit-normal t + silu add", "v + l
               "default + bf16 + compile", *(f"default + bf16 + compile + {n} epochs" for n in LONGER_EPOCHS),
               "default + lr 0.001", "default + lr 0.003", "default + constant lr",
               *(f"default + bf16 + compile + 30 epochs + label dropout {p:g}" for p in LABEL_DROPOUTS),
-              *(f"default + bf16 + compile + 30 epochs + muon lr {lr:g}" for lr in MUON_LRS)):
+              *(f"default + bf16 + compile + 30 epochs + muon lr {lr:g}" for lr in MUON_LRS),
+              "default + bf16 + compile + 40 epochs + muon lr 0.004"):
     for _seed in (1, 2):
         VARIANTS[f"{_name} + seed {_seed}"] = {**VARIANTS[_name], "seed": _seed}
 
