@@ -40,6 +40,7 @@ DEFAULT = {**V, **LN, **SS, **BF16}  # params.yaml's recipe, pinned (compiled bf
 LONGER_EPOCHS = (25, 30, 35, 40, 60, 100)
 LABEL_DROPOUTS = (0.05, 0.2)  # train.cond_drop_prob against the default's 0.1, at 30 epochs
 MUON_LRS = (0.004, 0.008)  # train.muon_lr: Muon's rate for the hidden matrices (AdamW keeps train.lr for the rest)
+MUON_EPOCHS = (25, 40)  # Muon (lr 0.004) trained shorter and longer than the default's 30 epochs
 VARIANTS = {
     "eps": EPS,
     "eps + min-snr-5": {**EPS, "diffusion.loss_weighting": "min_snr"},
@@ -97,7 +98,8 @@ VARIANTS = {
     # the optimizer: Muon (orthogonalised momentum) for the hidden weight matrices, AdamW for the rest
     **{f"default + bf16 + compile + 30 epochs + muon lr {lr:g}": {**DEFAULT, "train.epochs": 30, "train.optimizer": "muon", "train.muon_lr": lr}
        for lr in MUON_LRS},
-    "default + bf16 + compile + 40 epochs + muon lr 0.004": {**DEFAULT, "train.epochs": 40, "train.optimizer": "muon", "train.muon_lr": 0.004},
+    **{f"default + bf16 + compile + {n} epochs + muon lr 0.004": {**DEFAULT, "train.epochs": n, "train.optimizer": "muon", "train.muon_lr": 0.004}
+       for n in MUON_EPOCHS},
 }
 # The same recipes with other seeds (another initialisation, batch order, training and sampling
 # noise; the same data split): how much of a difference between two rows is chance.
@@ -108,7 +110,7 @@ for _name in ("v", "v + logit-normal t", "v + logit-normal t + silu add", "v + l
               "default + lr 0.001", "default + lr 0.003", "default + constant lr",
               *(f"default + bf16 + compile + 30 epochs + label dropout {p:g}" for p in LABEL_DROPOUTS),
               *(f"default + bf16 + compile + 30 epochs + muon lr {lr:g}" for lr in MUON_LRS),
-              "default + bf16 + compile + 40 epochs + muon lr 0.004"):
+              *(f"default + bf16 + compile + {n} epochs + muon lr 0.004" for n in MUON_EPOCHS)):
     for _seed in (1, 2):
         VARIANTS[f"{_name} + seed {_seed}"] = {**VARIANTS[_name], "seed": _seed}
 
