@@ -399,7 +399,7 @@ class Trainer:
         if self.compiled:
             self.net = torch.compile(self.net, **compile_kwargs(self.compile_mode))
         self.ema = AveragedModel(self.model, use_buffers=True)  # updated by ema_update (its file layout: module.*, n_averaged)
-        self.optimizer = make_optimizer(self.tc, self.model, compiled=self.compiled)
+        self.optimizer = make_optimizer(self.tc, self.model, compiled=self.compiled, device_type=self.device.type)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(self.tc.warmup_steps, self.total_steps, self.tc.lr_schedule)
         )

@@ -84,3 +84,17 @@ def test_make_optimizer_follows_train_optimizer_and_one_schedule_scales_both_rat
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5)
     assert [g["lr"] for g in opt.param_groups] == [0.005, 0.0005]
     del sched
+
+
+def test_muon_step_is_compiled_with_the_network_on_cuda_only(monkeypatch):
+    import diffusion_core.optim as optim
+
+    compiled = []
+    monkeypatch.setattr(optim.torch, "compile", lambda fn, **kwargs: compiled.append(kwargs) or fn)
+    model, _ = build_model(tiny_config(), INFO)
+    tc = tiny_config(train={"optimizer": "muon"}).train
+    make_optimizer(tc, model, compiled=True, device_type="cpu")
+    make_optimizer(tc, model, compiled=False, device_type="cuda")
+    assert compiled == []
+    make_optimizer(tc, model, compiled=True, device_type="cuda")
+    assert compiled == [{"dynamic": False}]
