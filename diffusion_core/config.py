@@ -116,7 +116,7 @@ class SampleConfig:
     steps: int = 10  # ignored by ddpm, which always takes diffusion.timesteps steps
     timestep_spacing: str = "trailing"  # trailing | logsnr | karras: which timesteps ddim and dpm++2m visit
     eta: float = 0.0  # DDIM stochasticity (0 = deterministic DDIM, 1 ~ DDPM)
-    guidance_scale: float = 0.5  # w in eps = eps_c + w (eps_c - eps_u); 0 = purely conditional
+    guidance_scale: float = 0.6  # w in eps = eps_c + w (eps_c - eps_u); 0 = purely conditional
     # [lo, hi]: guide only where lo <= t / (T - 1) <= hi (Kynkaanniemi et al. 2024); [0, 1] = every step
     guidance_interval: list[float] = field(default_factory=lambda: [0.0, 0.5])
     batch_size: int = 250
@@ -146,7 +146,7 @@ class ClipConfig:
 
 @dataclass
 class SweepConfig:
-    guidance_scales: list[float] = field(default_factory=lambda: [0.0, 0.5, 2.0, 4.0])
+    guidance_scales: list[float] = field(default_factory=lambda: [0.0, 0.6, 2.0, 4.0])
     samplers: list[str] = field(default_factory=lambda: ["ddim:10", "ddim:20", "dpm++2m:10", "dpm++2m:20"])  # name:steps
     per_class: int = 10
 
