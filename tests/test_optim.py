@@ -98,3 +98,22 @@ def test_muon_step_is_compiled_with_the_network_on_cuda_only(monkeypatch):
     assert compiled == []
     make_optimizer(tc, model, compiled=True, device_type="cuda")
     assert compiled == [{"dynamic": False}]
+
+
+@pytest.mark.slow
+def test_compiled_muon_step_matches_the_eager_one():
+    """The compiled step (what CUDA runs) is the eager step's arithmetic, here compiled for CPU."""
+    torch.manual_seed(0)
+    model, _ = build_model(tiny_config(), INFO)
+    twin, _ = build_model(tiny_config(), INFO)
+    twin.load_state_dict(model.state_dict())
+    eager = Muon(*muon_split(model), lr=0.01, adamw_lr=0.002, weight_decay=0.05)
+    compiled = Muon(*muon_split(twin), lr=0.01, adamw_lr=0.002, weight_decay=0.05, compiled=True)
+    for _ in range(3):
+        for p, q in zip(model.parameters(), twin.parameters()):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        eager.step()
+        compiled.step()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert torch.allclose(p, q, atol=1e-5), name
