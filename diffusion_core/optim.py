@@ -52,7 +52,7 @@ def muon_update(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: lis
     updates = torch._foreach_lerp(grads, bufs, momentum)  # Nesterov: the gradient pulled toward the momentum
     by_shape: dict[tuple[int, int], list[int]] = {}
     for i, p in enumerate(params):
-        by_shape.setdefault((p.shape[0], p[0].numel()), []).append(i)
+        by_shape.setdefault((p.shape[0], p.numel() // p.shape[0]), []).append(i)  # no view of p made per step
     if weight_decay:
         torch._foreach_mul_(params, 1 - lr * weight_decay)
     for (rows, cols), idx in by_shape.items():
