@@ -27,7 +27,7 @@ from diffusion_core.clip_judge import class_prompts  # noqa: E402
 from diffusion_core.config import load_config  # noqa: E402
 from diffusion_core.data import DATASETS, build_splits, dataset_prompts, to_model_range  # noqa: E402
 from diffusion_core.digit_clip import CompactVocabulary, arch_config, build, caption_tokens, random_shift, train_step  # noqa: E402
-from diffusion_core.optim import adamw  # noqa: E402
+from diffusion_core.digit_clip import make_optimizer as make_clip_optimizer  # noqa: E402
 from diffusion_core.trainer import Trainer, ema_update  # noqa: E402
 
 
@@ -63,7 +63,7 @@ def _trainer_parts(cfg, splits, rounds: int, out: str) -> dict[str, list[float]]
     parts = {
         "diffusion step: forward + backward": forward_backward,
         "diffusion step: gradient clipping": lambda: torch.nn.utils.clip_grad_norm_(tr.model.parameters(), tr.tc.grad_clip, foreach=True),
-        "diffusion step: AdamW + lr schedule": lambda: (tr.optimizer.step(), tr.scheduler.step()),
+        "diffusion step: optimizer + lr schedule": lambda: (tr.optimizer.step(), tr.scheduler.step()),
         "diffusion step: EMA": lambda: ema_update(tr.ema, tr.model, tr.step, tr.tc.ema_decay),
         "diffusion step: whole Trainer step": lambda: tr._train_step(x, y),
         "per epoch: validation loss": lambda: tr.validation_loss(tr.ema.module),
@@ -90,7 +90,8 @@ def digit_clip_steps(cfg, splits) -> dict:
         tokens = tok(captions)
         if compact:
             tokens = CompactVocabulary(model, tokens).__enter__()  # never restored: this model is thrown away
-        opt, loss_fn, g = adamw(list(model.parameters()), c.digit_clip_lr, 0.05), ClipLoss(), torch.Generator().manual_seed(5)
+        opt = make_clip_optimizer(model, c.digit_clip_optimizer, c.digit_clip_lr, c.digit_clip_muon_lr)
+        loss_fn, g = ClipLoss(), torch.Generator().manual_seed(5)
         model.train()
 
         def step(model=model, tokens=tokens, pre=pre, opt=opt, loss_fn=loss_fn, g=g):

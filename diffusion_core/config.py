@@ -31,7 +31,7 @@ class ConfigError(ValueError):
 
 T_SAMPLINGS = ("uniform", "stratified", "logit_normal")  # diffusion.t_sampling (GaussianDiffusion)
 CONDITIONINGS = ("add", "silu_add", "scale_shift")  # model.conditioning (unet.ResBlock)
-OPTIMIZERS = ("adamw", "muon")  # train.optimizer (optim.make_optimizer)
+OPTIMIZERS = ("adamw", "muon")  # train.optimizer and clip.digit_clip_optimizer (optim.build_optimizer)
 # train.compile_mode: torch.compile's modes, and cpp-wrapper (its default mode with inductor's C++ wrapper)
 COMPILE_MODES = ("auto", "default", "cpp-wrapper", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -135,9 +135,11 @@ class ClipConfig:
     batch_size: int = 256  # images per CLIP forward pass
     real_per_class: int = 100  # real held-out digits per class judged as the ceiling
     # digit-clip, the small CLIP the train_clip stage trains on the training split
-    digit_clip_epochs: int = 20
+    digit_clip_epochs: int = 12
     digit_clip_batch_size: int = 64
-    digit_clip_lr: float = 2e-3
+    digit_clip_lr: float = 2e-3  # AdamW's peak rate (one-cycle schedule)
+    digit_clip_optimizer: str = "muon"  # adamw | muon (Muon for the transformer blocks' matrices at digit_clip_muon_lr)
+    digit_clip_muon_lr: float = 8e-3
     digit_clip_width: int = 64
     digit_clip_layers: int = 2
     digit_clip_embed_dim: int = 64
@@ -394,6 +396,8 @@ def validate(cfg: Config) -> Config:
     _check(c.digit_clip_epochs > 0, f"clip.digit_clip_epochs must be > 0, got {c.digit_clip_epochs}")
     _check(c.digit_clip_batch_size > 1, f"clip.digit_clip_batch_size must be > 1, got {c.digit_clip_batch_size}")
     _check(c.digit_clip_lr > 0, f"clip.digit_clip_lr must be > 0, got {c.digit_clip_lr}")
+    _check(c.digit_clip_optimizer in OPTIMIZERS, f"clip.digit_clip_optimizer must be one of {list(OPTIMIZERS)}, got {c.digit_clip_optimizer!r}")
+    _check(c.digit_clip_muon_lr > 0, f"clip.digit_clip_muon_lr must be > 0, got {c.digit_clip_muon_lr}")
     _check(c.digit_clip_width >= 16 and c.digit_clip_width % 16 == 0, f"clip.digit_clip_width must be a multiple of 16, got {c.digit_clip_width}")
     _check(c.digit_clip_layers > 0, f"clip.digit_clip_layers must be > 0, got {c.digit_clip_layers}")
     _check(c.digit_clip_embed_dim > 0, f"clip.digit_clip_embed_dim must be > 0, got {c.digit_clip_embed_dim}")

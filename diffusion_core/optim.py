@@ -1,5 +1,6 @@
-"""The optimizers: AdamW (both trainers: the diffusion U-Net and the digit-clip judge) and Muon
-for the U-Net's hidden weight matrices (``train.optimizer``)."""
+"""The optimizers of both trainers (the diffusion U-Net, ``train.optimizer``, and the digit-clip
+judge, ``clip.digit_clip_optimizer``): AdamW, or Muon for the hidden weight matrices with AdamW
+for the rest."""
 
 from __future__ import annotations
 
@@ -61,16 +62,17 @@ def muon_update(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: lis
         torch._foreach_add_([params[i] for i in idx], [o.view(params[i].shape) for i, o in zip(idx, O.unbind(0))])
 
 
-def muon_split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+def muon_split(model: nn.Module, io_layers: tuple[str, ...] | None = None) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """(Muon's parameters, AdamW's): Muon takes the hidden layers' weight matrices and convolution
     kernels; AdamW the biases, norms, embedding tables and the layers that read the input and write
-    the output (the model's ``io_layers``, top-level module names), as Muon's authors advise."""
-    io = set(getattr(model, "io_layers", ()))
+    the output, as Muon's authors advise. ``io_layers``: those layers' dotted names (a module's
+    name covers its parameters), by default the model's ``io_layers``."""
+    io = tuple(getattr(model, "io_layers", ()) if io_layers is None else io_layers)
     tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     matrices, rest = [], []
     for name, p in model.named_parameters():
-        hidden = p.ndim >= 2 and id(p) not in tables and name.split(".")[0] not in io
-        (matrices if hidden else rest).append(p)
+        in_io = any(name == layer or name.startswith(layer + ".") for layer in io)
+        (matrices if p.ndim >= 2 and id(p) not in tables and not in_io else rest).append(p)
     return matrices, rest
 
 
@@ -137,16 +139,26 @@ class Muon(torch.optim.Optimizer):
         )
 
 
+def build_optimizer(name: str, model: nn.Module, lr: float, muon_lr: float, weight_decay: float, beta2: float = 0.999,
+                    momentum: float = 0.95, io_layers: tuple[str, ...] | None = None, compiled: bool = False) -> torch.optim.Optimizer:
+    """``name`` (:data:`~diffusion_core.config.OPTIMIZERS`) for ``model``: ``adamw`` (fused, at ``lr``)
+    or ``muon`` (:class:`Muon` at ``muon_lr`` for the hidden matrices, :func:`muon_split` with
+    ``io_layers``; AdamW at ``lr`` for the rest). Both trainers build theirs here."""
+    if name == "muon":
+        matrices, others = muon_split(model, io_layers)
+        return Muon(matrices, others, muon_lr, lr, weight_decay, (0.9, beta2), momentum, compiled=compiled)
+    if name != "adamw":
+        raise ValueError(f"unknown optimizer {name!r}")
+    return adamw(list(model.parameters()), lr, weight_decay, beta2)
+
+
 def make_optimizer(tc, model: nn.Module, compiled: bool = False, device_type: str = "cpu") -> torch.optim.Optimizer:
-    """``train.optimizer`` for ``model``: ``adamw`` (fused) or ``muon`` (:class:`Muon` at
-    ``train.muon_lr`` for the hidden matrices, AdamW at ``train.lr`` for the rest).
+    """``train.optimizer`` for the diffusion network ``model``: ``adamw`` (fused) or ``muon``
+    (:class:`Muon` at ``train.muon_lr`` for the hidden matrices, AdamW at ``train.lr`` for the rest).
 
     ``compiled`` (the trainer compiles the network): Muon's step is compiled too on CUDA, where
     each of its ~150 small kernels would cost a launch. Not on CPU: there it took 3.7 ms eager
-    against 2.9 ms compiled (fused AdamW for all parameters: 0.7 ms), and the compile took 26 s on a
+    against 2.8 ms compiled (fused AdamW for all parameters: 0.7 ms), and the compile took 26 s on a
     machine's first run, more than the 3 s it saves over 3,750 steps (bench/RESULTS.md 7m)."""
-    if tc.optimizer == "muon":
-        matrices, others = muon_split(model)
-        return Muon(matrices, others, tc.muon_lr, tc.lr, tc.weight_decay, (0.9, tc.adam_beta2), tc.muon_momentum,
-                    compiled=compiled and device_type == "cuda")
-    return adamw(list(model.parameters()), tc.lr, tc.weight_decay, tc.adam_beta2)
+    return build_optimizer(tc.optimizer, model, tc.lr, tc.muon_lr, tc.weight_decay, tc.adam_beta2, tc.muon_momentum,
+                           compiled=compiled and device_type == "cuda")

@@ -40,6 +40,7 @@ def main(
         train, names, c.digit_clip_epochs, c.digit_clip_batch_size, c.digit_clip_lr,
         c.digit_clip_width, c.digit_clip_layers, c.digit_clip_embed_dim, cfg.seed,
         templates=templates, hflip=bool(stats.get("hflip", False)), patch_grid=c.digit_clip_patch_grid,
+        optimizer=c.digit_clip_optimizer, muon_lr=c.digit_clip_muon_lr,
     )
     judge = judge_from_model(model, tok, pre)
     text = text_embeddings(judge, names, templates)

@@ -217,6 +217,37 @@ def test_compact_vocabulary_trains_the_used_rows_exactly_as_the_full_table(mnist
         CompactVocabulary(init, used[None])
 
 
+def test_digit_clip_muon_takes_the_transformer_blocks_matrices_and_each_group_peaks_at_its_own_rate():
+    """Muon steps the two towers' attention and MLP matrices; AdamW the patch embedding, the
+    position tables, the output projections, the token table, norms and biases. The one-cycle
+    schedule warms each group up to its own rate and anneals both."""
+    from diffusion_core.digit_clip import IO_LAYERS, arch_config, build, make_optimizer, one_cycle
+    from diffusion_core.optim import Muon
+
+    model, _, _ = build(arch_config(28, 32, 2, 16, 12))
+    opt = make_optimizer(model, "muon", 2e-3, 8e-3)
+    assert isinstance(opt, Muon)
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon_group, adamw_group = opt.param_groups
+    muon_names = {names[id(p)] for p in muon_group["params"]}
+    expected = {n for n, p in model.named_parameters() if "resblocks" in n and p.ndim == 2}
+    assert muon_names == expected and len(expected) == 2 * 2 * 4  # 2 towers x 2 blocks x (qkv, out, fc, proj)
+    adam_names = {names[id(p)] for p in adamw_group["params"]}
+    assert {"visual.conv1.weight", "visual.positional_embedding", "visual.proj", "text_projection", "positional_embedding",
+            "token_embedding.weight"} <= adam_names  # IO_LAYERS and the token table
+    assert len(IO_LAYERS) == 5
+    sched = one_cycle(opt, total_steps=20)
+    seen = []
+    for _ in range(20):
+        seen.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    peaks = torch.tensor(seen).max(0).values
+    assert torch.allclose(peaks, torch.tensor([8e-3, 2e-3]), rtol=1e-3)
+    assert seen[0][0] < 8e-3 / 10 and seen[-1][0] < 8e-3 / 100  # warm-up from low, annealed to near 0
+    assert isinstance(make_optimizer(model, "adamw", 2e-3, 8e-3), torch.optim.AdamW)
+
+
 def test_the_text_context_is_the_longest_caption_and_padding_would_not_change_an_embedding():
     from diffusion_core.clip_judge import class_prompts
     from diffusion_core.digit_clip import arch_config, build, caption_tokens

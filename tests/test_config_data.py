@@ -44,6 +44,8 @@ from diffusion_core.data import DataError, build_splits, load_split, save_splits
         ({"train": {"adam_beta2": 1.0}}, "train.adam_beta2 must be in (0, 1), got 1.0"),
         ({"train": {"optimizer": "sgd"}}, "train.optimizer must be one of ['adamw', 'muon'], got 'sgd'"),
         ({"train": {"muon_lr": 0.0}}, "train.muon_lr must be > 0, got 0.0"),
+        ({"clip": {"digit_clip_optimizer": "sgd"}}, "clip.digit_clip_optimizer must be one of ['adamw', 'muon'], got 'sgd'"),
+        ({"clip": {"digit_clip_muon_lr": -1.0}}, "clip.digit_clip_muon_lr must be > 0, got -1.0"),
         ({"train": {"muon_momentum": 1.0}}, "train.muon_momentum must be in [0, 1), got 1.0"),
     ],
 )
