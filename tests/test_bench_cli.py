@@ -52,10 +52,10 @@ def test_scaling_levers_report_a_failed_row_and_go_on(monkeypatch, capsys):
     assert re.search(r"\| 1 thread \| fp32, eager, NCHW \| 1 \| 2 \| 64 \| 0.1 \| 9 \| 64-64 \| 1 \|", out)
 
 
-@pytest.mark.parametrize("argv", [["--batch-size", "-1"], ["--lr", "-0.002"], ["--patch-grid", "-2"]])
+@pytest.mark.parametrize("argv", [["--batch-size", "-1"], ["--lr", "-0.002"], ["--patch-grid", "-2"], ["--muon-lr", "-0.008"]])
 def test_digit_clip_refuses_negative_overrides_before_training(argv, monkeypatch):
     monkeypatch.setattr(digit_clip, "build_splits", lambda *a, **k: pytest.fail("the data was built"))
-    with pytest.raises(SystemExit, match="--batch-size, --lr and --patch-grid must not be negative"):
+    with pytest.raises(SystemExit, match="--batch-size, --lr, --muon-lr and --patch-grid must not be negative"):
         digit_clip.main(argv)
 
 
