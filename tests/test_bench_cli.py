@@ -63,3 +63,20 @@ def test_digit_clip_refuses_a_patch_grid_that_does_not_divide_the_images(monkeyp
     monkeypatch.setattr(digit_clip, "build_splits", lambda *a, **k: pytest.fail("the data was built"))
     with pytest.raises(SystemExit, match="--patch-grid 3 does not divide mnist-5k's image size 28"):
         digit_clip.main(["--patch-grid", "3"])
+
+
+def test_every_recipe_variant_is_a_valid_config_that_changes_what_it_names():
+    """bench/recipe.py's variants are dotted params.yaml overrides: a misspelt key or a bad value
+    would otherwise surface only when that row starts training, minutes into a run."""
+    from bench.recipe import MUON30, MUON_SETTINGS, VARIANTS
+    from diffusion_core.config import load_config
+
+    for name, overrides in VARIANTS.items():
+        cfg = load_config("params.yaml", {"train.epochs": 30, **overrides}).to_dict()
+        for key, value in overrides.items():
+            node = cfg
+            for part in key.split("."):
+                node = node[part]
+            assert node == value, (name, key)
+    assert {f"{MUON30} + {s}" for s in MUON_SETTINGS} <= VARIANTS.keys()
+    assert VARIANTS[f"{MUON30} + no grad clip + seed 2"]["seed"] == 2
