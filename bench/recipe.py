@@ -41,7 +41,18 @@ LONGER_EPOCHS = (25, 30, 35, 40, 60, 100)
 LABEL_DROPOUTS = (0.05, 0.2)  # train.cond_drop_prob against the default's 0.1, at 30 epochs
 MUON_LRS = (0.004, 0.008)  # train.muon_lr: Muon's rate for the hidden matrices (AdamW keeps train.lr for the rest)
 MUON_EPOCHS = (25, 40)  # Muon (lr 0.004) trained shorter and longer than the default's 30 epochs
-MUON30 = "default + bf16 + compile + 30 epochs + muon lr 0.004"
+
+
+def muon_name(epochs: int, lr: float = 0.004) -> str:
+    return f"default + bf16 + compile + {epochs} epochs + muon lr {lr:g}"
+
+
+def muon(epochs: int, lr: float = 0.004) -> dict:
+    """params.yaml's recipe (pinned as DEFAULT) trained ``epochs`` with Muon at ``lr`` (train.muon_lr)."""
+    return {**DEFAULT, "train.epochs": epochs, "train.optimizer": "muon", "train.muon_lr": lr}
+
+
+MUON30 = muon_name(30)  # the Muon default (section 7m); MUON_SETTINGS change one of its choices each
 MUON_SETTINGS = {
     "momentum 0.9": {"train.muon_momentum": 0.9},
     "adamw lr 0.004": {"train.lr": 0.004},
@@ -49,7 +60,6 @@ MUON_SETTINGS = {
     "width 40 + 25 epochs": {"model.base_channels": 40, "train.epochs": 25},  # 1.2x the time per step (7b): about the default's time
     "no grad clip": {"train.grad_clip": 0.0},  # Muon orthogonalises its step: a large gradient weighs only in the momentum and AdamW
 }
-VARIANTS_MUON30 = {**DEFAULT, "train.epochs": 30, "train.optimizer": "muon", "train.muon_lr": 0.004}
 VARIANTS = {
     "eps": EPS,
     "eps + min-snr-5": {**EPS, "diffusion.loss_weighting": "min_snr"},
@@ -105,13 +115,11 @@ VARIANTS = {
     **{f"default + bf16 + compile + 30 epochs + label dropout {p:g}": {**DEFAULT, "train.epochs": 30, "train.cond_drop_prob": p}
        for p in LABEL_DROPOUTS},
     # the optimizer: Muon (orthogonalised momentum) for the hidden weight matrices, AdamW for the rest
-    **{f"default + bf16 + compile + 30 epochs + muon lr {lr:g}": {**DEFAULT, "train.epochs": 30, "train.optimizer": "muon", "train.muon_lr": lr}
-       for lr in MUON_LRS},
-    **{f"default + bf16 + compile + {n} epochs + muon lr 0.004": {**DEFAULT, "train.epochs": n, "train.optimizer": "muon", "train.muon_lr": 0.004}
-       for n in MUON_EPOCHS},
-    # Muon's other settings at the default's 30 epochs: its momentum, AdamW's rate for the rest, and
-    # batch 64 for 36 epochs (about the default's training time: Muon's step costs the same at any batch)
-    **{f"{MUON30} + {name}": {**VARIANTS_MUON30, **keys} for name, keys in MUON_SETTINGS.items()},
+    **{muon_name(30, lr): muon(30, lr) for lr in MUON_LRS},
+    **{muon_name(n): muon(n) for n in MUON_EPOCHS},
+    # Muon's other settings at about the default's training time (section 7n): its momentum, AdamW's
+    # rate for the rest, batch 64, width 40, no gradient clipping
+    **{f"{MUON30} + {name}": {**muon(30), **keys} for name, keys in MUON_SETTINGS.items()},
 }
 # The same recipes with other seeds (another initialisation, batch order, training and sampling
 # noise; the same data split): how much of a difference between two rows is chance.
@@ -121,8 +129,7 @@ for _name in ("v", "v + logit-normal t", "v + logit-normal t + silu add", "v + l
               "default + bf16 + compile", *(f"default + bf16 + compile + {n} epochs" for n in LONGER_EPOCHS),
               "default + lr 0.001", "default + lr 0.003", "default + constant lr",
               *(f"default + bf16 + compile + 30 epochs + label dropout {p:g}" for p in LABEL_DROPOUTS),
-              *(f"default + bf16 + compile + 30 epochs + muon lr {lr:g}" for lr in MUON_LRS),
-              *(f"default + bf16 + compile + {n} epochs + muon lr 0.004" for n in MUON_EPOCHS),
+              *(muon_name(30, lr) for lr in MUON_LRS), *(muon_name(n) for n in MUON_EPOCHS),
               *(f"{MUON30} + {name}" for name in MUON_SETTINGS)):
     for _seed in (1, 2):
         VARIANTS[f"{_name} + seed {_seed}"] = {**VARIANTS[_name], "seed": _seed}
