@@ -17,6 +17,13 @@ the same wall-clock budget, in the same process, one after the other:
 ``--budget-s`` trains each for the same wall-clock time (throughput and quality per CPU-second);
 ``--steps`` trains each for the same number of optimizer steps (quality per step).
 
+``--arithmetic eager`` (the default) trains both in float32 eager, each in its own memory layout(s);
+``--arithmetic trainer`` trains both as params.yaml's Trainer runs on this machine
+(``train.compile``, ``compile_mode`` and ``precision`` resolved: on a CPU with AMX, torch.compile'd
+with inductor's C++ wrapper under bf16 autocast), so the comparison is of the product's shipped
+arithmetic against diffusers' network given the same. The first compile of each model happens
+before its budget starts (``compile_s``); sampling is eager float32 for both either way.
+
 Each is then sampled with DDIM (20 steps, trailing spacing, guidance ``--guidance`` w = 2 at every
 step; diffusers' ``DDIMScheduler`` for theirs) and judged by the MNIST CNN of bench/mnist_judge.py.
 Both train eps-prediction with uniform t whatever params.yaml's diffusion group says.
@@ -42,7 +49,7 @@ from diffusion_core.data import build_splits, to_model_range, to_uint8  # noqa: 
 from diffusion_core.diffusion import GaussianDiffusion  # noqa: E402
 from diffusion_core.samplers import class_labels, make_scheduler, sample  # noqa: E402
 from diffusion_core.optim import adamw  # noqa: E402
-from diffusion_core.trainer import ema_update, lr_lambda  # noqa: E402
+from diffusion_core.trainer import compile_kwargs, ema_update, lr_lambda, precision_name, resolve_arithmetic  # noqa: E402
 from diffusion_core.unet import UNet, count_parameters, use_channels_last  # noqa: E402
 
 
@@ -92,8 +99,27 @@ class DiffusersEps(torch.nn.Module):
         return self.unet(x_t, t, class_labels=y).sample
 
 
-def train_for(model, add_noise, x, y, cfg, budget_s: float, seed: int, max_steps: int | None = None) -> tuple[torch.nn.Module, int, float]:
+def noised_loss(forward, add_noise, x0, y, t, eps, amp: torch.dtype | None) -> torch.Tensor:
+    """The eps-prediction loss of ``forward`` (the model, or its compiled form) under autocast ``amp``."""
+    with torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
+        pred = forward(add_noise(x0, eps, t), t, y)
+    return F.mse_loss(pred.float(), eps)
+
+
+def first_compile(model, forward, add_noise, x, y, cfg, amp: torch.dtype | None) -> float:
+    """Seconds of ``forward``'s first forward and backward pass (its compile), on one batch; no step is taken."""
+    bs = cfg.train.batch_size
+    t0 = time.perf_counter()
+    noised_loss(forward, add_noise, x[:bs], y[:bs], torch.zeros(bs, dtype=torch.long), torch.randn(x[:bs].shape), amp).backward()
+    model.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0
+
+
+def train_for(model, add_noise, x, y, cfg, budget_s: float, seed: int, max_steps: int | None = None,
+              forward=None, amp: torch.dtype | None = None) -> tuple[torch.nn.Module, int, float]:
+    """Train ``model`` (through ``forward``, its compiled form where given, under autocast ``amp``)."""
     tc = cfg.train
+    forward = model if forward is None else forward
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     opt = adamw(list(model.parameters()), tc.lr, 0.0, tc.adam_beta2)  # the fused AdamW kernel, as our Trainer uses
@@ -106,7 +132,7 @@ def train_for(model, add_noise, x, y, cfg, budget_s: float, seed: int, max_steps
         yb[torch.rand(len(yb), generator=g) < tc.cond_drop_prob] = 10
         t = torch.randint(0, SCHEDULE["num_train_timesteps"], (len(yb),), generator=g)
         eps = torch.randn(x0.shape, generator=g)
-        loss = F.mse_loss(model(add_noise(x0, eps, t), t, yb), eps)
+        loss = noised_loss(forward, add_noise, x0, yb, t, eps, amp)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip, foreach=True)
@@ -134,17 +160,24 @@ def sample_diffusers(model, labels, w, steps, seed):
     return x.clamp(-1, 1)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget-s", type=float, default=120.0)
     ap.add_argument("--per-class", type=int, default=20)
     ap.add_argument("--steps", type=int, default=0, help="train each for this many steps instead of --budget-s")
     ap.add_argument("--guidance", type=float, default=2.0, help="guidance scale w, at every step, for both models")
     ap.add_argument("--rounds", type=int, default=10, help="interleaved throughput rounds (20 steps per model each) after training")
-    args = ap.parse_args()
+    ap.add_argument("--arithmetic", choices=["eager", "trainer"], default="eager",
+                    help="eager: float32 eager for both; trainer: both as params.yaml's Trainer runs here (compiled, bf16 where it resolves so)")
+    args = ap.parse_args(argv)
+    if args.budget_s <= 0 and not args.steps:
+        ap.error(f"--budget-s must be > 0, got {args.budget_s:g}")
     from diffusers import DDPMScheduler
 
     cfg = load_config("params.yaml")
+    cpu = torch.device("cpu")
+    compiled, mode, amp = resolve_arithmetic(cfg.train, cpu) if args.arithmetic == "trainer" else (False, None, None)
+    arithmetic = (f"compiled ({mode}), " if compiled else "eager, ") + precision_name(amp)
     judge = get_judge()
     splits = build_splits("mnist-5k", seed=cfg.seed)
     x, y = to_model_range(splits["train"]["images"]), splits["train"]["labels"]
@@ -155,12 +188,12 @@ def main() -> None:
     labels = class_labels(10, args.per_class)
     w = args.guidance
     rows, trained = [], {}
-    names = ["diffusion_core", "diffusers"] + ([] if args.steps else ["diffusers + channels_last"])  # layout: speed only
+    names = ["diffusion_core", "diffusers"] + ([] if args.steps or compiled else ["diffusers + channels_last"])  # layout: speed only
     for name in names:
         torch.manual_seed(cfg.seed)
         if name == "diffusion_core":  # as the Trainer runs it: params.yaml's train.memory_format
             model = UNet.from_config(cfg.model, 1, 28, 10)
-            model.set_channels_last(use_channels_last(cfg.train.memory_format, torch.device("cpu"), None))
+            model.set_channels_last(use_channels_last(cfg.train.memory_format, cpu, amp))
             ours_params = count_parameters(model)
             add_noise = lambda x0, eps, t: ours_diff.q_sample(x0, t, eps)  # noqa: E731
         else:  # as shipped (NCHW), and with the channels-last layout our Trainer uses on CPU
@@ -168,8 +201,10 @@ def main() -> None:
             if "channels_last" in name:
                 model.to(memory_format=torch.channels_last)
             add_noise = ddpm.add_noise
-        ema, steps, seconds = train_for(model, add_noise, x, y, cfg, args.budget_s, cfg.seed, args.steps or None)
-        trained[name] = (model, add_noise)
+        forward = torch.compile(model, **compile_kwargs(mode)) if compiled else model
+        compile_s = first_compile(model, forward, add_noise, x, y, cfg, amp) if compiled else 0.0
+        ema, steps, seconds = train_for(model, add_noise, x, y, cfg, args.budget_s, cfg.seed, args.steps or None, forward, amp)
+        trained[name] = (model, add_noise, forward)
         t0 = time.perf_counter()
         if name == "diffusion_core":
             images = sample(ema, ours_diff, make_scheduler("ddim", ours_diff, 20), labels, w,
@@ -178,7 +213,8 @@ def main() -> None:
             images = sample_diffusers(ema, labels, w, 20, cfg.seed)
         sample_s = time.perf_counter() - t0
         q = quality(to_uint8(images), labels, judge)
-        rows.append({"model": name, "params": count_parameters(model), "train_steps": steps,
+        rows.append({"model": name, "arithmetic": arithmetic, "params": count_parameters(model),
+                     **({"compile_s": compile_s} if compiled else {}), "train_steps": steps,
                      "train_images_per_s": steps * cfg.train.batch_size / seconds,
                      "accuracy": q["accuracy"], "worst_digit_accuracy": q["worst_digit_accuracy"], "fd": q["fd"],
                      "sample_ms_per_image": 1000 * sample_s / len(labels)})
@@ -188,15 +224,16 @@ def main() -> None:
     # slow spells (up to 30% here) hit both alike; the medians over the rounds and their ratio.
     ips: dict[str, list[float]] = {n: [] for n in trained}
     for r in range(args.rounds + 1):
-        for n, (model, add_noise) in trained.items():
-            _, steps, seconds = train_for(model, add_noise, x, y, cfg, 0.0, cfg.seed + r, max_steps=20)
+        for n, (model, add_noise, forward) in trained.items():
+            _, steps, seconds = train_for(model, add_noise, x, y, cfg, 0.0, cfg.seed + r, 20, forward, amp)
             if r:  # round 0 warms up
                 ips[n].append(steps * cfg.train.batch_size / seconds)
     irows = [{"model": n, "rounds": len(v), "median_images_per_s": statistics.median(v), "min": min(v), "max": max(v)} for n, v in ips.items()]
     per_round = [a / b for a, b in zip(ips["diffusion_core"], ips["diffusers"])]
     budget = f"--steps {args.steps}" if args.steps else f"--budget-s {args.budget_s:g}"
-    print(f"Machine: {machine()}\nCommand: `python bench/vs_diffusers.py {budget} --per-class {args.per_class} --guidance {w:g}` "
-          f"(mnist-5k, batch {cfg.train.batch_size}, {len(labels)} samples each, DDIM 20 steps, w={w})\n")
+    print(f"Machine: {machine()}\nCommand: `python bench/vs_diffusers.py {budget} --per-class {args.per_class} --guidance {w:g}"
+          f"{' --arithmetic trainer' if args.arithmetic == 'trainer' else ''}` "
+          f"(mnist-5k, batch {cfg.train.batch_size}, {len(labels)} samples each, DDIM 20 steps, w={w}; trained {arithmetic})\n")
     print(md_table(rows))
     print(f"\nTraining throughput ratio (diffusion_core / diffusers) over the budget: {ratios[0]:.2f}x"
           + (f" (against diffusers with channels_last: {ratios[1]:.2f}x)" if len(ratios) > 1 else ""))

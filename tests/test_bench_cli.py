@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from bench import digit_clip, scaling
+from bench import digit_clip, scaling, vs_diffusers
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -80,3 +80,14 @@ def test_every_recipe_variant_is_a_valid_config_that_changes_what_it_names():
             assert node == value, (name, key)
     assert {f"{MUON30} + {s}" for s in MUON_SETTINGS} <= VARIANTS.keys()
     assert VARIANTS[f"{MUON30} + no grad clip + seed 2"]["seed"] == 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--budget-s", "0"], "--budget-s must be > 0, got 0"),
+    (["--arithmetic", "gpu"], "invalid choice: 'gpu'"),
+])
+def test_vs_diffusers_refuses_bad_arguments_before_training(argv, message, monkeypatch, capsys):
+    monkeypatch.setattr(vs_diffusers, "get_judge", lambda: pytest.fail("the judge was loaded"))
+    with pytest.raises(SystemExit):
+        vs_diffusers.main(argv)
+    assert message in capsys.readouterr().err
