@@ -10,11 +10,14 @@ accuracy, and the Frechet distance in the CNN's feature space against the same n
 digits (and, for scale, between two real sets of that size). ``fd_all_test`` measures it against all
 10,000 test digits instead, where no draw of the reference moves it, beside its floor: as many
 real training digits, with the generated set's count of each digit (bench/mnist_judge.quality).
+``digit_clip_test_accuracy`` is the pipeline's own judge, digit-clip, on its real test digits
+(reports/metrics/train_clip.json).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -65,7 +68,9 @@ def run_stages(dst: Path, env: dict, force: bool = False) -> dict:
         print(f"  {stage}: {times[stage]:.1f}s", file=sys.stderr)
     with np.load(dst / "samples" / "samples.npz") as f:
         images, labels = torch.from_numpy(f["images"]), torch.from_numpy(f["labels"])
-    return {"times": times, "total": sum(times.values()), **quality(images, labels)}
+    clip = json.loads((dst / "reports" / "metrics" / "train_clip.json").read_text())  # the pipeline's own judge
+    return {"times": times, "total": sum(times.values()), **quality(images, labels),
+            "digit_clip_test_accuracy": clip["zero_shot_accuracy_test"]}
 
 
 def one_run(overrides: dict, in_place: bool = False, force: bool = False) -> dict:
@@ -101,7 +106,7 @@ def main() -> None:
     runs = [one_run(overrides, args.in_place, args.force) for _ in range(args.runs)]
     rows = [{"stage": s, "median_s": statistics.median(r["times"][s] for r in runs)} for s in STAGES]
     rows.append({"stage": "total", "median_s": statistics.median(r["total"] for r in runs)})
-    qrows = [{k: r[k] for k in ("n", "accuracy", "worst_digit", "worst_digit_accuracy", "fd", "fd_real_vs_real", "fd_all_test", "fd_all_test_floor")} for r in runs]
+    qrows = [{k: r[k] for k in ("n", "accuracy", "worst_digit", "worst_digit_accuracy", "fd", "fd_real_vs_real", "fd_all_test", "fd_all_test_floor", "digit_clip_test_accuracy")} for r in runs]
     cmd = "python bench/time_to_quality.py" + (" --in-place" if args.in_place else "") + (" --force" if args.force else "") + "".join(f" --runs {args.runs}" if args.runs != 1 else "") + "".join(f" --set {s}" for s in args.set)
     print(f"Machine: {machine()}\nCommand: `{cmd}` ({args.runs} run(s); times are medians)\n")
     print(md_table(rows))
