@@ -28,7 +28,7 @@ from diffusion_core.config import load_config  # noqa: E402
 from diffusion_core.data import DATASETS, build_splits, dataset_prompts, to_model_range  # noqa: E402
 from diffusion_core.digit_clip import CompactVocabulary, arch_config, build, caption_tokens, random_shift, train_step  # noqa: E402
 from diffusion_core.digit_clip import make_optimizer as make_clip_optimizer  # noqa: E402
-from diffusion_core.trainer import Trainer, ema_update  # noqa: E402
+from diffusion_core.trainer import Trainer, autocast_to, ema_update  # noqa: E402
 
 
 def ms(fn) -> float:
@@ -55,7 +55,7 @@ def _trainer_parts(cfg, splits, rounds: int, out: str) -> dict[str, list[float]]
     tr, x, y = warm_trainer(cfg, splits, out)
 
     def forward_backward():  # as Trainer._train_step runs it: compiled and under autocast where params.yaml resolves so
-        with torch.autocast(tr.device.type, dtype=tr.amp_dtype or torch.bfloat16, enabled=tr.autocast):
+        with autocast_to(tr.device.type, tr.amp_dtype):
             loss = tr.diffusion(tr.net, x, y, tr.tc.cond_drop_prob, tr.noise_gen)
         tr.optimizer.zero_grad(set_to_none=True)
         loss.backward()

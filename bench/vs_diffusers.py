@@ -49,7 +49,7 @@ from diffusion_core.data import build_splits, to_model_range, to_uint8  # noqa: 
 from diffusion_core.diffusion import GaussianDiffusion  # noqa: E402
 from diffusion_core.samplers import class_labels, make_scheduler, sample  # noqa: E402
 from diffusion_core.optim import adamw  # noqa: E402
-from diffusion_core.trainer import compile_kwargs, ema_update, lr_lambda, precision_name, resolve_arithmetic  # noqa: E402
+from diffusion_core.trainer import autocast_to, compile_kwargs, ema_update, lr_lambda, precision_name, resolve_arithmetic  # noqa: E402
 from diffusion_core.unet import UNet, count_parameters, use_channels_last  # noqa: E402
 
 
@@ -101,7 +101,7 @@ class DiffusersEps(torch.nn.Module):
 
 def noised_loss(forward, add_noise, x0, y, t, eps, amp: torch.dtype | None) -> torch.Tensor:
     """The eps-prediction loss of ``forward`` (the model, or its compiled form) under autocast ``amp``."""
-    with torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
+    with autocast_to("cpu", amp):
         pred = forward(add_noise(x0, eps, t), t, y)
     return F.mse_loss(pred.float(), eps)
 

@@ -197,6 +197,11 @@ def amp_dtype(precision: str, device: torch.device, compiled: bool = False, key:
     return torch.bfloat16
 
 
+def autocast_to(device_type: str, dtype: torch.dtype | None) -> torch.autocast:
+    """Autocast to ``dtype`` (as :func:`amp_dtype` resolves it), or a disabled autocast for None (float32)."""
+    return torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
 def sampling_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """``sample.precision`` -> the autocast dtype of the network while sampling, or None for
     float32. ``auto``: bf16 on a CPU with AMX, where the network trains in bf16 and eager bf16
@@ -216,7 +221,7 @@ def sampling_arithmetic(model: torch.nn.Module, precision: str):
     device = next(model.parameters()).device
     dtype = sampling_dtype(precision, device)
     model.set_channels_last(use_channels_last("auto", device, dtype))
-    with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+    with autocast_to(device.type, dtype):
         yield dtype
 
 
@@ -557,7 +562,7 @@ class Trainer:
             x0, y = self.x_val[i : i + batch_size], self.y_val[i : i + batch_size]
             t = torch.randint(0, self.diffusion.timesteps, (len(y),), device=self.device, generator=g)
             eps = torch.randn(x0.shape, device=self.device, generator=g)
-            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.autocast):
+            with autocast_to(self.device.type, self.amp_dtype):
                 losses.append(self.diffusion.per_sample_loss(model, x0, y, t, eps).float())
             ts.append(t)
         loss, t = torch.cat(losses), torch.cat(ts)
@@ -601,7 +606,7 @@ class Trainer:
         """One optimizer step; returns the global batch's loss, still on the device. Nothing here
         reads a value back from the device, so on a GPU the host queues the next step while this one
         runs; :meth:`fit` reads the losses in blocks (:meth:`_record_losses`)."""
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.autocast):
+        with autocast_to(self.device.type, self.amp_dtype):
             loss = self.diffusion(self.net, x0, y, self.tc.cond_drop_prob, self.noise_gen, shard=(self.rank, self.world))
         mean = self._mean_over_ranks(loss.detach())  # the global batch's loss; every rank sees it
         self.optimizer.zero_grad(set_to_none=True)
