@@ -172,6 +172,9 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.budget_s <= 0 and not args.steps:
         ap.error(f"--budget-s must be > 0, got {args.budget_s:g}")
+    for flag, value, least in (("--steps", args.steps, 0), ("--per-class", args.per_class, 1), ("--rounds", args.rounds, 0)):
+        if value < least:
+            ap.error(f"{flag} must be >= {least}, got {value}")
     from diffusers import DDPMScheduler
 
     cfg = load_config("params.yaml")

@@ -85,6 +85,9 @@ def test_every_recipe_variant_is_a_valid_config_that_changes_what_it_names():
 @pytest.mark.parametrize("argv, message", [
     (["--budget-s", "0"], "--budget-s must be > 0, got 0"),
     (["--arithmetic", "gpu"], "invalid choice: 'gpu'"),
+    (["--steps", "-5"], "--steps must be >= 0, got -5"),
+    (["--per-class", "0"], "--per-class must be >= 1, got 0"),
+    (["--rounds", "-1"], "--rounds must be >= 0, got -1"),
 ])
 def test_vs_diffusers_refuses_bad_arguments_before_training(argv, message, monkeypatch, capsys):
     monkeypatch.setattr(vs_diffusers, "get_judge", lambda: pytest.fail("the judge was loaded"))
