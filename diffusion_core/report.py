@@ -52,6 +52,12 @@ def _show(ax, img: np.ndarray) -> None:
     ax.set_yticks([])
 
 
+def forward_timesteps(timesteps: int) -> list[int]:
+    """The timesteps the forward strip shows: 0, T/20, T/10, T/5, 3T/10, T/2, 7T/10 and T-1 (distinct, sorted)."""
+    T = timesteps
+    return sorted({0, T // 20, T // 10, T // 5, 3 * T // 10, T // 2, 7 * T // 10, T - 1})
+
+
 def forward_strip(x0: torch.Tensor, diffusion, timesteps: list[int], path: Path, seed: int = 0) -> Path:
     """One real image noised to each timestep, with alpha_bar and SNR under each."""
     g = torch.Generator().manual_seed(seed)
@@ -232,6 +238,15 @@ def sweep_plot(sweep: pd.DataFrame, path: Path) -> Path:
 def pct(x: float) -> str:
     """A share as a percentage, or 'never' for NaN (the threshold was not reached)."""
     return "never" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.0%}"
+
+
+def crossing_table(cross: pd.DataFrame, class_names: list[str]) -> pd.DataFrame:
+    """The recognizability crossings (rows image x class) as one row per class (``all`` first, then
+    ``class_names``) with a column per threshold and image, e.g. ``fraction_50 (x_t)``."""
+    wide = cross.pivot(index="class", columns="image", values=["fraction_50", "fraction_90"])
+    wide = wide.reindex(["all", *class_names])
+    wide.columns = [f"{a} ({b})" for a, b in wide.columns]
+    return wide.reset_index()
 
 
 def md_table(df: pd.DataFrame, floatfmt: str = ".3f") -> str:
