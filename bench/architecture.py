@@ -22,12 +22,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import machine, md_table  # noqa: E402
 from bench.mnist_judge import get_judge, quality  # noqa: E402
-from diffusion_core.config import load_config  # noqa: E402
+from diffusion_core.config import load_config, sampling_kwargs  # noqa: E402
 from diffusion_core.data import DATASETS, build_splits, to_uint8  # noqa: E402
 from diffusion_core.samplers import class_labels  # noqa: E402
 from diffusion_core.trainer import Trainer  # noqa: E402
 from diffusion_core.unet import count_parameters  # noqa: E402
-from stages.sample import draw_configured  # noqa: E402
+from diffusion_core.pipeline import DiffusionPipeline  # noqa: E402
 
 # name -> model overrides (on top of params.yaml's model group; all of them add the embedding
 # linearly, as every block did when these rows were measured)
@@ -65,8 +65,8 @@ def one(name: str, overrides: dict, epochs: int, per_class: int, judge, guidance
     rows = []
     for w in guidances or [s.guidance_scale]:
         t0 = time.perf_counter()
-        images = draw_configured(ema, tr.diffusion, labels, s, cfg.seed + 10, (spec.channels, spec.size, spec.size), guidance=w,
-                                 progress=False)
+        pipe = DiffusionPipeline(ema, tr.diffusion, (spec.channels, spec.size, spec.size))
+        images = pipe(labels, **{**sampling_kwargs(s), "guidance_scale": w}, seed=cfg.seed + 10)
         sample_s = time.perf_counter() - t0
         q = quality(to_uint8(images), labels, judge)
         rows.append({**trained, "guidance": w, "accuracy": q["accuracy"], "worst_digit_accuracy": q["worst_digit_accuracy"],

@@ -31,12 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import machine, md_table, parse_interval  # noqa: E402
 from bench.mnist_judge import get_judge, quality  # noqa: E402
 from diffusion_core.checkpoint import build_model  # noqa: E402
-from diffusion_core.config import load_config  # noqa: E402
+from diffusion_core.config import load_config, sampling_kwargs  # noqa: E402
 from diffusion_core.data import DATASETS, build_splits, to_uint8  # noqa: E402
 from diffusion_core.samplers import class_labels  # noqa: E402
 from diffusion_core.tracking import stage_params  # noqa: E402
 from diffusion_core.trainer import Trainer  # noqa: E402
-from stages.sample import draw_configured  # noqa: E402
+from diffusion_core.pipeline import DiffusionPipeline  # noqa: E402
 
 
 class AutoGuided(torch.nn.Module):
@@ -58,7 +58,7 @@ class AutoGuided(torch.nn.Module):
 def snapshots(cfg, info: dict, cache: Path) -> dict[str, dict]:
     """{"emaN": EMA state after epoch N, "raw": final raw weights}; trained once, then read from ``cache``."""
     flat = cfg.flat()
-    recipe = {**stage_params(flat, "prepare"), **stage_params(flat, "train")}  # what the train stage depends on
+    recipe = stage_params(flat, "train")  # what the train stage depends on (and prepare, logged with it)
     if cache.exists():
         cached = torch.load(cache, weights_only=True)
         if cached.get("recipe") == recipe:
@@ -122,8 +122,8 @@ def main() -> None:
         for w in (float(v) for v in args.guidance.split(",")):
             for iv in intervals:
                 t0 = time.perf_counter()
-                images = draw_configured(model, diffusion, labels, s, cfg.seed + 10, (spec.channels, spec.size, spec.size),
-                                         guidance=w, interval=iv, progress=False)
+                pipe = DiffusionPipeline(model, diffusion, (spec.channels, spec.size, spec.size))
+                images = pipe(labels, **{**sampling_kwargs(s), "guidance_scale": w, "guidance_interval": tuple(iv)}, seed=cfg.seed + 10)
                 q = quality(to_uint8(images), labels, judge)
                 rows.append({"model": good_key, "guide": g, "guidance": w, "interval": f"{iv[0]:g}-{iv[1]:g}", "images": len(labels),
                              "accuracy": q["accuracy"], "worst_digit_accuracy": q["worst_digit_accuracy"], "fd": q["fd"],

@@ -8,11 +8,11 @@ fits a time budget, and the tables are printed as each part ends.
     python bench/gpu.py --out gpu.md             # the tables also go to gpu.md
 
 On the device machine, ``bench/gpu.sh`` runs it from a carried folder ``.gpu/`` that holds full
-MNIST's four .gz files and the judge's weights (bench/RESULTS.md section 8 says how to fill it).
+MNIST's four .gz files and the judge's weights (docs/results/gpu.md#findings says how to fill it).
 
 1. **Throughput.** Training steps of the Trainer itself (loss, backward, gradient clipping, fused
    AdamW, EMA) on random batches of the full-MNIST training digits, kept on the device: images/s,
-   steps/s and peak device memory, for the CPU default network (params.yaml) and the README's GPU
+   steps/s and peak device memory, for the CPU default network (params.yaml) and docs/scaling.md's GPU
    preset (``GPU_PRESET``) at each ``--batch-sizes``, eager under bf16 autocast; then each at its own
    batch size eager in float32 (TF32 on). The ``runs_as`` column says what ran.
 2. **torch.compile.** The same timing of each network compiled (inductor) at its own batch size,
@@ -45,14 +45,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import machine, md_table, parse_overrides, time_train_steps  # noqa: E402
-from diffusion_core.config import COMPILE_MODES, Config, ConfigError, load_config  # noqa: E402
+from diffusion_core.config import COMPILE_MODES, Config, ConfigError, load_config, sampling_kwargs  # noqa: E402
 from diffusion_core.data import DATASETS, build_splits, to_uint8  # noqa: E402
 from diffusion_core.samplers import class_labels  # noqa: E402
-from diffusion_core.trainer import Trainer, precision_name, resolve_arithmetic, resolve_device  # noqa: E402
+from diffusion_core.runtime import precision_name, resolve_arithmetic, resolve_device  # noqa: E402
+from diffusion_core.pipeline import DiffusionPipeline  # noqa: E402
+from diffusion_core.trainer import Trainer  # noqa: E402
 from diffusion_core.unet import count_parameters  # noqa: E402
-from stages.sample import draw_configured  # noqa: E402
 
-# The README's "Full MNIST on a GPU" preset (tests/test_bench_gpu.py checks that they agree).
+# docs/scaling.md's "Full MNIST on a GPU" preset (tests/test_bench_gpu.py checks that they agree).
 GPU_PRESET: dict[str, Any] = {
     "model.base_channels": 64,
     "model.patch_size": 1,
@@ -62,10 +63,10 @@ GPU_PRESET: dict[str, Any] = {
     "train.batch_size": 128,
     "train.lr": 0.0005,
     "train.ema_decay": 0.9995,
-    "train.optimizer": "adamw",  # as measured in bench/RESULTS.md 8 (Muon, the CPU default since 7m, is not yet tuned there)
+    "train.optimizer": "adamw",  # as measured in docs/results/gpu.md#findings (Muon, the CPU default since 7m, is not yet tuned there)
 }
 NETWORKS = {"default": {}, "gpu-preset": GPU_PRESET}
-PRESET_EPOCHS = 30  # the README preset's train.epochs: the most a budgeted run is given
+PRESET_EPOCHS = 30  # the docs/scaling.md preset's train.epochs: the most a budgeted run is given
 TARGET_ACCURACY, TARGET_WORST = 0.98, 0.95
 PARTS = ("throughput", "compile", "quality")
 
@@ -188,7 +189,7 @@ def time_to_quality(args, network: str, splits: dict, speed: Speed, evaluate: Ev
     start, judging_s = 0.0, 0.0  # the training clock excludes the judging
 
     def draw_digits(model, labels):
-        return draw_configured(model, tr.diffusion, labels, s, cfg.seed + 10, shape, progress=False)
+        return DiffusionPipeline(model, tr.diffusion, shape)(labels, **sampling_kwargs(s), seed=cfg.seed + 10)
 
     def on_epoch(epoch: int, rec: dict, grid) -> None:
         nonlocal judging_s

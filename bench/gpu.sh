@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
-# The device check of issue 8: bench/gpu.py on a lent GPU machine, in one call (bench/RESULTS.md
-# section 8). Here, once per checkout, fill the ignored folder .gpu/ with full MNIST's four .gz
-# files and the judge's weights (about 12 MB):
+# The device check of issue 8: bench/gpu.py on a lent GPU machine, in one call (docs/results/gpu.md).
+# Here, once per checkout, fill the ignored folder .gpu/ with full MNIST's four .gz files and the judge's weights (about 12 MB):
 #     bash bench/gpu.sh --pack
 # then, with the device tool:  run(command="bash bench/gpu.sh", carry=[".gpu"], timeout_s=540)
 # Arguments after the script's name go to bench/gpu.py. The tables and the log land in $OUT

@@ -114,9 +114,9 @@ def quality(images_uint8: torch.Tensor, labels: torch.Tensor, model: CNN | None 
     """Judged accuracy (overall, worst digit), FD to as many real test digits, and the real-vs-real FD.
 
     ``fd`` / ``fd_real_vs_real``: against one fixed draw of ``n`` random test digits, the floor one
-    random draw of ``n`` training digits (every table in bench/RESULTS.md). ``fd_all_test`` /
+    random draw of ``n`` training digits (every table in docs/results/). ``fd_all_test`` /
     ``fd_all_test_floor``: against all 10,000 test digits, so no draw of the reference moves it, the
-    floor ``n`` training digits with the generated set's own count of each digit (RESULTS 7l: the
+    floor ``n`` training digits with the generated set's own count of each digit (docs/results/data.md#the-real-reference-set: the
     random draw moves a set's FD by up to 5 points, and a class-balanced real set is nearer the
     test digits than a random one).
     """
@@ -174,7 +174,7 @@ def training_digits_quality(per_class: int) -> dict:
     """``quality()`` of the default model's own training digits (the mnist-5k train split, ``per_class``
     of each digit, as the generated sets are): the FD a model that reproduced its training set would reach."""
     from diffusion_core.data import build_splits
-    from stages.evaluate import take_per_class
+    from diffusion_core.data import take_per_class
 
     return quality(*take_per_class(build_splits("mnist-5k")["train"], per_class, 10))
 

@@ -77,7 +77,7 @@ VARIANTS = {
     "v + 30 epochs": {**V, "train.epochs": 30},
     "v + width 40 + 30 epochs": {**V, "model.base_channels": 40, "train.epochs": 30},
     "v + 25 epochs": {**V, "train.epochs": 25},
-    # batch 16 takes 1.5x the optimizer steps per second of batch 32 (bench/RESULTS.md 4b)
+    # batch 16 takes 1.5x the optimizer steps per second of batch 32 (docs/results/cpu-speed.md#batch-size-and-width)
     "v + batch 16 + 15 epochs": {**V, "train.batch_size": 16, "train.epochs": 15},
     "v + batch 16 + 20 epochs": {**V, "train.batch_size": 16, "train.epochs": 20},
     "v + batch 64": {**V, "train.batch_size": 64},

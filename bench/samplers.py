@@ -25,11 +25,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import machine, md_table, parse_interval  # noqa: E402
 from bench.mnist_judge import digit_accuracies, get_judge, quality  # noqa: E402
-from diffusion_core.checkpoint import load_model  # noqa: E402
 from diffusion_core.config import load_config  # noqa: E402
 from diffusion_core.data import to_uint8  # noqa: E402
 from diffusion_core.samplers import TIMESTEP_SPACINGS, class_labels, sampler_spec  # noqa: E402
-from stages.sample import draw  # noqa: E402
+from diffusion_core.pipeline import DiffusionPipeline  # noqa: E402
 
 
 def main() -> None:
@@ -50,8 +49,8 @@ def main() -> None:
                     "default: params.yaml's sample.timestep_spacing): with --guidance, every w at every spacing")
     args = ap.parse_args()
     cfg = load_config(args.params)
-    model, diffusion, _, info, meta = load_model(args.model)
-    shape = (info["channels"], info["size"], info["size"])
+    pipe = DiffusionPipeline.from_pretrained(args.model)
+    diffusion, meta = pipe.diffusion, pipe.meta
     w = cfg.sample.guidance_scale
     full = tuple(cfg.sample.guidance_interval)
     intervals = [parse_interval(iv, "--intervals") for iv in args.intervals.split(";")] if args.intervals else [full]
@@ -82,8 +81,8 @@ def main() -> None:
         preds = []
         for seed in seeds:
             t0 = time.perf_counter()
-            images = draw(model, diffusion, labels, sampler, steps, eta, guidance, seed, shape, 250, progress=False,
-                          interval=interval, spacing=spacing, precision=cfg.sample.precision)  # as the sample stage draws
+            images = pipe(labels, sampler=sampler, steps=steps, eta=eta, guidance_scale=guidance, seed=seed, batch_size=250,
+                          guidance_interval=interval, timestep_spacing=spacing, precision=cfg.sample.precision)  # as the sample stage draws
             seconds = time.perf_counter() - t0
             q = quality(to_uint8(images), labels, judge)
             preds.append(q["pred"])

@@ -28,7 +28,9 @@ from diffusion_core.config import load_config  # noqa: E402
 from diffusion_core.data import DATASETS, build_splits, dataset_prompts, to_model_range  # noqa: E402
 from diffusion_core.digit_clip import CompactVocabulary, arch_config, build, caption_tokens, random_shift, train_step  # noqa: E402
 from diffusion_core.digit_clip import make_optimizer as make_clip_optimizer  # noqa: E402
-from diffusion_core.trainer import Trainer, autocast_to, ema_update  # noqa: E402
+from diffusion_core.optim import ema_update  # noqa: E402
+from diffusion_core.runtime import autocast_to  # noqa: E402
+from diffusion_core.trainer import Trainer  # noqa: E402
 
 
 def ms(fn) -> float:

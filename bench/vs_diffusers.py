@@ -44,13 +44,14 @@ from torch.optim.swa_utils import AveragedModel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import machine, md_table  # noqa: E402
 from bench.mnist_judge import get_judge, quality  # noqa: E402
-from diffusion_core.config import load_config  # noqa: E402
+from diffusion_core.config import build_unet, load_config  # noqa: E402
 from diffusion_core.data import build_splits, to_model_range, to_uint8  # noqa: E402
 from diffusion_core.diffusion import GaussianDiffusion  # noqa: E402
 from diffusion_core.samplers import class_labels, make_scheduler, sample  # noqa: E402
 from diffusion_core.optim import adamw  # noqa: E402
-from diffusion_core.trainer import autocast_to, compile_kwargs, ema_update, lr_lambda, precision_name, resolve_arithmetic  # noqa: E402
-from diffusion_core.unet import UNet, count_parameters, use_channels_last  # noqa: E402
+from diffusion_core.optim import ema_update, lr_lambda  # noqa: E402
+from diffusion_core.runtime import autocast_to, compile_kwargs, precision_name, resolve_arithmetic, use_channels_last  # noqa: E402
+from diffusion_core.unet import count_parameters  # noqa: E402
 
 
 def diffusers_unet(widths: tuple[int, ...], cfg):
@@ -195,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in names:
         torch.manual_seed(cfg.seed)
         if name == "diffusion_core":  # as the Trainer runs it: params.yaml's train.memory_format
-            model = UNet.from_config(cfg.model, 1, 28, 10)
+            model = build_unet(cfg.model, 1, 28, 10)
             model.set_channels_last(use_channels_last(cfg.train.memory_format, cpu, amp))
             ours_params = count_parameters(model)
             add_noise = lambda x0, eps, t: ours_diff.q_sample(x0, t, eps)  # noqa: E731

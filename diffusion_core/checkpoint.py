@@ -21,16 +21,18 @@ from typing import Any
 
 import torch
 
-from diffusion_core.config import Config, ConfigError, config_from_dict
+from diffusion_core.config import Config, ConfigError, build_diffusion, build_unet, config_from_dict
 from diffusion_core.diffusion import GaussianDiffusion
-from diffusion_core.unet import UNet, use_channels_last
+from diffusion_core.runtime import use_channels_last
+from diffusion_core.unet import UNet
+from diffusion_core.errors import CheckpointError  # noqa: F401 - raised here, caught by the stages
 
 FORMAT_VERSION = 1
 
 
 # The modules whose code decides what training computes. A checkpoint written by other code is not
 # resumed (the run starts over), even when the config is the same.
-TRAINING_CODE = ("config", "data", "schedule", "diffusion", "unet", "samplers", "trainer", "optim", "checkpoint")
+TRAINING_CODE = ("config", "data", "schedule", "diffusion", "unet", "samplers", "trainer", "optim", "runtime", "checkpoint")
 
 
 def code_fingerprint() -> str:
@@ -40,10 +42,6 @@ def code_fingerprint() -> str:
         h.update(name.encode())
         h.update((here / f"{name}.py").read_bytes())
     return h.hexdigest()[:16]
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, unreadable or does not match; the message names the file."""
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:
@@ -118,8 +116,9 @@ def check_same_architecture(stored: Config, current: Config, path: str | Path) -
 
 
 def build_model(cfg: Config, data_info: dict[str, Any]) -> tuple[UNet, GaussianDiffusion]:
-    model = UNet.from_config(cfg.model, data_info["channels"], data_info["size"], len(data_info["class_names"]))
-    diffusion = GaussianDiffusion.from_config(cfg.diffusion, len(data_info["class_names"]))
+    num_classes = len(data_info["class_names"])
+    model = build_unet(cfg.model, data_info["channels"], data_info["size"], num_classes)
+    diffusion = build_diffusion(cfg.diffusion, num_classes)
     return model, diffusion
 
 

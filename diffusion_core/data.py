@@ -19,6 +19,9 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from torch.utils.data import DistributedSampler
+
+from diffusion_core.errors import DataError  # noqa: F401 - raised here, caught by the stages
 
 SPLITS = ("train", "val", "test")
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -60,10 +63,6 @@ CIFAR_TEMPLATES = (
     "a photo of a small {name}.",
     "{name}",
 )
-
-
-class DataError(RuntimeError):
-    """A dataset that cannot be loaded; the message names the source or file."""
 
 
 @dataclass(frozen=True)
@@ -316,3 +315,34 @@ def load_split(data_dir: str | Path, split: str) -> dict[str, torch.Tensor]:
     if not (torch.is_tensor(labels) and labels.dtype == torch.int64 and labels.shape == images.shape[:1]):
         raise DataError(f"{path}: 'labels' must be int64 [N] matching the images")
     return tensors
+
+
+def take_per_class(split: dict[str, torch.Tensor], per_class: int, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``per_class`` images of each class of a split -> (images, labels), class by class."""
+    idx = torch.cat([torch.nonzero(split["labels"] == c).flatten()[:per_class] for c in range(num_classes)])
+    return split["images"][idx], split["labels"][idx]
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order of the training images in ``epoch``: a permutation seeded by (seed, epoch)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+class EpochShardSampler(DistributedSampler):
+    """``DistributedSampler`` (drop_last) whose epoch permutation is :func:`epoch_permutation`.
+
+    Rank r gets ``perm[r::world]``, so its k-th batch of ``batch_size / world`` indices is the
+    positions r, r + world, ... of the single-process k-th batch ``perm[k*B:(k+1)*B]``. With one
+    process it yields ``perm`` itself: single-process runs keep the exact order they always had.
+    """
+
+    def __init__(self, n: int, seed: int, world: int = 1, rank: int = 0) -> None:
+        super().__init__(range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+
+    def indices(self) -> torch.Tensor:
+        perm = epoch_permutation(len(self.dataset), self.seed, self.epoch)
+        return perm[self.rank : self.total_size : self.num_replicas]
+
+    def __iter__(self):
+        return iter(self.indices().tolist())

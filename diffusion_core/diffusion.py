@@ -16,8 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffusion_core.config import T_SAMPLINGS
 from diffusion_core.schedule import make_betas
+
+PREDICTIONS = ("eps", "v")  # what the network outputs (:meth:`GaussianDiffusion.target`)
+LOSS_WEIGHTINGS = ("none", "min_snr")  # :meth:`GaussianDiffusion.loss_weights`
+T_SAMPLINGS = ("uniform", "stratified", "logit_normal")  # :meth:`GaussianDiffusion.sample_timesteps`
 
 
 def _gather(buf: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -41,12 +44,10 @@ class GaussianDiffusion(nn.Module):
         t_logit_std: float = 1.0,
     ) -> None:
         super().__init__()
-        if prediction not in ("eps", "v"):
-            raise ValueError(f"diffusion.prediction must be 'eps' or 'v', got {prediction!r}")
-        if loss_weighting not in ("none", "min_snr"):
-            raise ValueError(f"diffusion.loss_weighting must be 'none' or 'min_snr', got {loss_weighting!r}")
-        if t_sampling not in T_SAMPLINGS:
-            raise ValueError(f"diffusion.t_sampling must be one of {list(T_SAMPLINGS)}, got {t_sampling!r}")
+        for name, value, allowed in (("prediction", prediction, PREDICTIONS), ("loss_weighting", loss_weighting, LOSS_WEIGHTINGS),
+                                     ("t_sampling", t_sampling, T_SAMPLINGS)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
         self.t_sampling, self.t_logit_mean, self.t_logit_std = t_sampling, t_logit_mean, t_logit_std
         self.timesteps = timesteps
         self.prediction = prediction
@@ -65,22 +66,6 @@ class GaussianDiffusion(nn.Module):
         reg("sqrt_alpha_bar", alpha_bar.sqrt())
         reg("sqrt_one_minus_alpha_bar", (1.0 - alpha_bar).sqrt())
         reg("snr", alpha_bar / (1.0 - alpha_bar))
-
-    @classmethod
-    def from_config(cls, cfg, num_classes: int) -> "GaussianDiffusion":
-        return cls(
-            timesteps=cfg.timesteps,
-            schedule=cfg.schedule,
-            beta_start=cfg.beta_start,
-            beta_end=cfg.beta_end,
-            prediction=cfg.prediction,
-            loss_weighting=cfg.loss_weighting,
-            min_snr_gamma=cfg.min_snr_gamma,
-            num_classes=num_classes,
-            t_sampling=cfg.t_sampling,
-            t_logit_mean=cfg.t_logit_mean,
-            t_logit_std=cfg.t_logit_std,
-        )
 
     # -- forward process ------------------------------------------------------------------------
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:

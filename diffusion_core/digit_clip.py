@@ -1,9 +1,9 @@
 """The dataset CLIP ("digit-clip", alias "dataset-clip"): a small CLIP trained offline on the
 training split of whatever dataset the pipeline runs on; the pipeline's default judge.
 
-It is a real open_clip ``CLIP`` (a ViT image tower at the dataset's image size with 4x4 patches:
-7x7 patches on 28x28 digits or Fashion-MNIST, 8x8 on 32x32 CIFAR-10; grey images enter as three
-equal channels; a text transformer with open_clip's BPE tokenizer) trained with open_clip's
+It is a real open_clip ``CLIP`` (a ViT image tower at the dataset's image size that cuts each image
+into ``clip.digit_clip_patch_grid`` x ``clip.digit_clip_patch_grid`` patches, 14x14-pixel patches on
+28x28 digits at the default grid of 2; grey images enter as three equal channels; a text transformer with open_clip's BPE tokenizer) trained with open_clip's
 ``ClipLoss`` on pairs of an image and a caption drawn from the dataset's templates for its class
 (:data:`~diffusion_core.data.DIGIT_TEMPLATES` for digits). Images get small random shifts so the
 judge does not depend on exact centring, and random horizontal flips where the dataset has them.
@@ -53,8 +53,7 @@ def caption_tokens(captions: list[str]) -> int:
 
 def arch_config(image_size: int, width: int, layers: int, embed_dim: int, context_length: int, patch_grid: int = 2) -> dict[str, Any]:
     """open_clip's CLIP config for digit-clip: a ViT on ``patch_grid`` x ``patch_grid`` patches
-    (2: four 14x14-pixel patches at 28x28; over three seeds 95.6-97.2% zero-shot on real test digits
-    in 16-18 s of training, against 83.6-95.8% in 42-47 s for 4x4-pixel patches, bench/RESULTS.md 1)."""
+    (2: four 14x14-pixel patches at 28x28; why: docs/results/digit-clip.md)."""
     if image_size % patch_grid:
         raise ValueError(f"digit-clip patch grid {patch_grid} does not divide the image size {image_size}")
     heads_width = max(16, width // 2)
@@ -98,8 +97,8 @@ class CompactVocabulary:
     """Train the text tower on the rows of its token embedding that the captions use.
 
     The captions use a few dozen of the tokenizer's 49,408 tokens, but an ``nn.Embedding``'s
-    backward fills a dense gradient of the whole table and AdamW then steps every row: about 5% of
-    a training step here (bench/step_parts.py). Rows that no caption uses get a zero gradient, so
+    backward fills a dense gradient of the whole table and AdamW then steps every row (its share of
+    a step: bench/step_parts.py). Rows that no caption uses get a zero gradient, so
     AdamW (an elementwise update) only weight-decays them, which no caption can see. Training a small table
     of the used rows instead gives the used rows exactly the same updates.
 
@@ -157,8 +156,7 @@ def train_digit_clip(
     ``compact_vocabulary`` trains only the token-embedding rows the captions use
     (:class:`CompactVocabulary`: the same result, a cheaper step); ``patch_grid`` is
     :func:`arch_config`'s. ``optimizer``: ``muon`` (Muon at ``muon_lr`` for the transformer blocks'
-    matrices, AdamW at ``lr`` for the rest: over three seeds 96.8% on real test digits after 12
-    epochs, against AdamW's 96.3% after 20, bench/RESULTS.md 1) or ``adamw``. Returns
+    matrices, AdamW at ``lr`` for the rest) or ``adamw``. Returns
     (model, tokenizer, preprocess, arch, seconds).
     """
     torch.manual_seed(seed)

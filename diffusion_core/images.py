@@ -1,9 +1,8 @@
 """Image grids and strips saved as PNG (PIL to write).
 
 :func:`make_grid` lays images out as torchvision's ``make_grid`` does (same sizes and padding),
-without importing torchvision: that import (it loads its detection models and torch._dynamo) took
-about 2 s of every stage's start-up here, and the train, sample and report stages need nothing else
-from it.
+without importing torchvision, whose import (it loads its detection models and torch._dynamo) would
+add seconds to the start-up of the train, sample and report stages, which need nothing else from it.
 """
 
 from __future__ import annotations

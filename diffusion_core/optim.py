@@ -9,13 +9,17 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 from torch.optim.adamw import adamw as adamw_step  # torch's functional AdamW (the fused kernel where there is one)
+
+
+OPTIMIZERS = ("adamw", "muon")  # :func:`build_optimizer`
 
 
 def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float, beta2: float = 0.999) -> torch.optim.AdamW:
     """AdamW with the fused kernel where torch has one for the device (CPU and CUDA since torch 2.4):
-    one kernel for all parameters instead of a dozen foreach passes; the optimizer step took 1.5 ms
-    instead of 5.1 ms per training step here. Its state dict is the same as the foreach version's."""
+    one kernel for all parameters instead of a dozen foreach passes. Its state dict is the same as
+    the foreach version's."""
     try:
         return torch.optim.AdamW(params, lr=lr, betas=(0.9, beta2), weight_decay=weight_decay, fused=True)
     except RuntimeError:  # a device without a fused kernel
@@ -141,7 +145,7 @@ class Muon(torch.optim.Optimizer):
 
 def build_optimizer(name: str, model: nn.Module, lr: float, muon_lr: float, weight_decay: float, beta2: float = 0.999,
                     momentum: float = 0.95, io_layers: tuple[str, ...] | None = None, compiled: bool = False) -> torch.optim.Optimizer:
-    """``name`` (:data:`~diffusion_core.config.OPTIMIZERS`) for ``model``: ``adamw`` (fused, at ``lr``)
+    """``name`` (:data:`OPTIMIZERS`) for ``model``: ``adamw`` (fused, at ``lr``)
     or ``muon`` (:class:`Muon` at ``muon_lr`` for the hidden matrices, :func:`muon_split` with
     ``io_layers``; AdamW at ``lr`` for the rest). Both trainers build theirs here."""
     if name == "muon":
@@ -157,8 +161,50 @@ def make_optimizer(tc, model: nn.Module, compiled: bool = False, device_type: st
     (:class:`Muon` at ``train.muon_lr`` for the hidden matrices, AdamW at ``train.lr`` for the rest).
 
     ``compiled`` (the trainer compiles the network): Muon's step is compiled too on CUDA, where
-    each of its ~150 small kernels would cost a launch. Not on CPU: there it took 3.7 ms eager
-    against 2.8 ms compiled (fused AdamW for all parameters: 0.7 ms), and the compile took 26 s on a
-    machine's first run, more than the 3 s it saves over 3,750 steps (bench/RESULTS.md 7m)."""
+    each of its ~150 small kernels would cost a launch. Not on CPU, where the compile costs more
+    than it saves (docs/results/optimizer.md)."""
     return build_optimizer(tc.optimizer, model, tc.lr, tc.muon_lr, tc.weight_decay, tc.adam_beta2, tc.muon_momentum,
                            compiled=compiled and device_type == "cuda")
+
+
+# -- learning-rate schedule and EMA ----------------------------------------------------------
+
+
+def lr_lambda(warmup: int, total: int, schedule: str) -> Callable[[int], float]:
+    """Linear warmup to 1, then constant or cosine decay to 0 at ``total`` steps."""
+
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def ema_decay(decay: float, n: int) -> float:
+    """The decay of the EMA update after ``n`` models have been averaged: min(decay, (1 + n) / (10 + n)).
+
+    A fixed decay from the first step (torch's ``get_ema_multi_avg_fn``) would leave a fifth of the
+    EMA at the random initialisation after a short CPU run (a few thousand steps at 0.999). The
+    warm-up (as in diffusers' EMAModel) keeps early averages close to the model.
+    """
+    return min(decay, (1 + n) / (10 + n))
+
+
+@torch.no_grad()
+def ema_update(ema: AveragedModel, model: torch.nn.Module, n: int, decay: float) -> None:
+    """``AveragedModel.update_parameters`` with the warm-up decay, ``n`` being the number of models
+    averaged so far (``ema.n_averaged``), known to the caller. torch's method reads n_averaged back
+    from the device two or three times per call; on a GPU each read waits for all queued work, so
+    the host could not run ahead of the device. Parameters and buffers (``use_buffers=True``): the
+    first update copies, the others lerp with one multi-tensor kernel."""
+    averaged = [*ema.module.parameters(), *ema.module.buffers()]
+    current = [*model.parameters(), *model.buffers()]
+    if n == 0:
+        torch._foreach_copy_(averaged, current)
+    else:
+        torch._foreach_lerp_(averaged, current, 1 - ema_decay(decay, n))
+    ema.n_averaged += 1

@@ -38,7 +38,7 @@ TIMESTEP_SPACINGS = ("trailing", "logsnr", "karras")
 def trailing_timesteps(timesteps: int, num_steps: int) -> torch.Tensor:
     """``num_steps`` descending timesteps ending near 0 and starting at T-1 ("trailing" spacing)."""
     if not 1 <= num_steps <= timesteps:
-        raise ValueError(f"sample.steps must be in [1, {timesteps}], got {num_steps}")
+        raise ValueError(f"steps must be in [1, {timesteps}], got {num_steps}")
     ts = torch.round(torch.arange(timesteps, 0, -timesteps / num_steps, dtype=torch.float64)).long() - 1
     return ts[:num_steps]
 
@@ -59,9 +59,9 @@ def spaced_timesteps(alpha_bar: torch.Tensor, num_steps: int, spacing: str = "tr
     if spacing == "trailing":
         return trailing_timesteps(T, num_steps)
     if spacing not in TIMESTEP_SPACINGS:
-        raise ValueError(f"sample.timestep_spacing must be one of {list(TIMESTEP_SPACINGS)}, got {spacing!r}")
+        raise ValueError(f"timestep spacing must be one of {', '.join(TIMESTEP_SPACINGS)}, got {spacing!r}")
     if not 1 <= num_steps <= T:
-        raise ValueError(f"sample.steps must be in [1, {T}], got {num_steps}")
+        raise ValueError(f"steps must be in [1, {T}], got {num_steps}")
     ab = alpha_bar.double().cpu()
     log_sigma = 0.5 * torch.log((1 - ab) / ab)  # = -lambda, increasing in t
     r = torch.linspace(0, 1, num_steps, dtype=torch.float64)
@@ -187,7 +187,7 @@ def sampler_spec(entry: str, timesteps: int) -> tuple[str, int]:
     """'SAMPLER:STEPS' (e.g. ``dpm++2m:20``) -> (name, steps); ValueError saying what is wrong otherwise."""
     name, _, steps = entry.partition(":")
     if name not in SAMPLERS or not steps.isdigit() or not 1 <= int(steps) <= timesteps:
-        raise ValueError(f"must be 'SAMPLER:STEPS' with SAMPLER in {sorted(SAMPLERS)} and 1 <= STEPS <= diffusion.timesteps, got {entry!r}")
+        raise ValueError(f"must be 'SAMPLER:STEPS' with SAMPLER in {sorted(SAMPLERS)} and 1 <= STEPS <= {timesteps} (diffusion.timesteps), got {entry!r}")
     return name, int(steps)
 
 
@@ -196,7 +196,7 @@ def make_scheduler(name: str, diffusion: GaussianDiffusion, steps: int | None = 
     """``ddpm`` always visits all T timesteps; ``ddim`` and ``dpm++2m`` visit ``steps`` of them,
     spaced by ``spacing`` (:func:`spaced_timesteps`)."""
     if name not in SAMPLERS:
-        raise ValueError(f"sample.sampler must be one of {sorted(SAMPLERS)}, got {name!r}")
+        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {name!r}")
     if name == "ddpm":
         return DDPMScheduler(diffusion, diffusion.timesteps)
     if name == "ddim":

@@ -6,6 +6,8 @@ import math
 
 import torch
 
+SCHEDULES = ("linear", "cosine")
+
 
 def linear_betas(timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
     """Ho et al. (2020): betas rise linearly from ``beta_start`` to ``beta_end``.
@@ -31,4 +33,4 @@ def make_betas(kind: str, timesteps: int, beta_start: float = 1e-4, beta_end: fl
         return linear_betas(timesteps, beta_start, beta_end)
     if kind == "cosine":
         return cosine_betas(timesteps)
-    raise ValueError(f"diffusion.schedule must be 'linear' or 'cosine', got {kind!r}")
+    raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {kind!r}")

@@ -29,12 +29,9 @@ import urllib.parse
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
+from diffusion_core.errors import TrackingError  # noqa: F401 - raised here, caught by the stages
 
 EXPERIMENT = os.environ.get("MLFLOW_EXPERIMENT_NAME", "digit-diffusion")
-
-
-class TrackingError(RuntimeError):
-    """The tracking server cannot be reached or a run file is bad; the message says which."""
 
 
 def repo_root(start: str | Path | None = None) -> Path:
@@ -52,6 +49,18 @@ def tracking_uri(root: str | Path | None = None) -> str:
     if env:
         return env
     return f"sqlite:///{repo_root(root) / 'mlflow.db'}"
+
+
+def display_uri(root: str | Path | None = None) -> str:
+    """The tracking URI as files written into the repository show it: the local default relative to
+    the project root (not one machine's absolute path), any other without user or password."""
+    uri = tracking_uri(root)
+    if uri == f"sqlite:///{repo_root(root) / 'mlflow.db'}":
+        return "sqlite:///mlflow.db"
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.username or parsed.password:
+        parsed = parsed._replace(netloc=parsed.hostname + (f":{parsed.port}" if parsed.port else ""))
+    return parsed.geturl()
 
 
 def check_reachable(uri: str, timeout: float = 3.0) -> None:
@@ -241,21 +250,51 @@ def log_params(params: dict[str, Any]) -> None:
         mlflow.log_params({k: str(v) for k, v in items[i : i + 90]})
 
 
-# Pipeline stages in order, and the params.yaml groups each one logs. Every metric a stage logs is
-# named "<stage>/...", so a copied run takes exactly what the stages before the copying one made.
+# The stages that open MLflow runs, in pipeline order. Every metric a stage logs is named
+# "<stage>/...", so a copied run takes exactly what the stages before the copying one made.
 STAGES = ("prepare", "train", "sample", "evaluate", "report")
-STAGE_GROUPS = {
-    "prepare": ("seed", "data"),
-    "train": ("model", "diffusion", "train"),
-    "sample": ("sample",),
-    "evaluate": ("clip",),
-    "report": ("sweep", "report"),
-}
+# Stages that log nothing themselves: their params go into the run of the stage named here (the
+# train stage logs what prepare read; evaluate, the judge's; report, the sweep's).
+LOGGED_WITH = {"prepare": "train", "train_clip": "evaluate", "sweep": "report"}
+
+
+def dvc_yaml(root: str | Path | None = None) -> Path:
+    """The pipeline's dvc.yaml: in the project root, else beside the installed package."""
+    for folder in (repo_root(root), Path(__file__).resolve().parents[1]):
+        if (folder / "dvc.yaml").is_file():
+            return folder / "dvc.yaml"
+    raise TrackingError(f"dvc.yaml not found in {repo_root(root)}: run the stages from the project root")
+
+
+def dvc_params(root: str | Path | None = None) -> dict[str, tuple[str, ...]]:
+    """Each stage's ``params`` in dvc.yaml (group names such as ``train``, or dotted keys such as
+    ``clip.batch_size``): the one stage -> params map that DVC, MLflow and the resume check share."""
+    import yaml
+
+    path = dvc_yaml(root)
+    try:
+        stages = yaml.safe_load(path.read_text())["stages"]
+        return {name: tuple(str(e) for e in spec.get("params", ())) for name, spec in stages.items()}
+    except (yaml.YAMLError, KeyError, TypeError, AttributeError):
+        raise TrackingError(f"{path}: not a dvc.yaml with stages and their params") from None
+
+
+def matches(key: str, entries: tuple[str, ...]) -> bool:
+    """Whether the dotted ``key`` is one of dvc.yaml's params ``entries`` or inside one of its groups."""
+    return any(key == e or key.startswith(e + ".") for e in entries)
+
+
+def stage_entries(stage: str, root: str | Path | None = None) -> tuple[str, ...]:
+    """The params entries an MLflow run logs for ``stage``: its own and those of the stages logged with it."""
+    params = dvc_params(root)
+    own = [stage, *(s for s, host in LOGGED_WITH.items() if host == stage)]
+    return tuple(e for s in own for e in params.get(s, ()))
 
 
 def stage_params(flat: dict[str, Any], stage: str) -> dict[str, Any]:
-    groups = STAGE_GROUPS[stage]
-    return {k: v for k, v in flat.items() if k.split(".")[0] in groups}
+    """The values of ``flat`` (``Config.flat()``) that ``stage`` reads by dvc.yaml (:func:`stage_entries`)."""
+    entries = stage_entries(stage)
+    return {k: v for k, v in flat.items() if matches(k, entries)}
 
 
 def _stage_done_tag(stage: str) -> str:
@@ -269,7 +308,7 @@ def _earlier(stage: str) -> set[str]:
 def _copy_run(client, src_id: str, stage: str) -> str:
     """A new run holding what the stages before ``stage`` logged to ``src_id``.
 
-    Params of their groups, their metric histories (loss curves included) and tags are copied; the
+    Their params (by dvc.yaml, :func:`stage_entries`), their metric histories (loss curves included) and tags are copied; the
     trained model stays an artifact of the run that trained it (tag ``model_run_id``).
     """
     from mlflow.entities import Metric, Param
@@ -283,8 +322,8 @@ def _copy_run(client, src_id: str, stage: str) -> str:
     tags["model_run_id"] = src.data.tags.get("model_run_id", src_id)
     run = client.create_run(src.info.experiment_id, tags=tags, run_name=src.info.run_name)
     new_id = run.info.run_id
-    groups = {g for s in earlier for g in STAGE_GROUPS[s]}
-    params = [Param(k, v) for k, v in src.data.params.items() if k.split(".")[0] in groups]
+    entries = tuple(e for s in earlier for e in stage_entries(s))
+    params = [Param(k, v) for k, v in src.data.params.items() if matches(k, entries)]
     for i in range(0, len(params), 90):
         client.log_batch(new_id, params=params[i : i + 90])
     for key in src.data.metrics:

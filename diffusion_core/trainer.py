@@ -1,4 +1,5 @@
-"""Training: AdamW with warmup, gradient clipping, EMA, validation, fixed-noise grids, exact resume.
+"""Training: the optimizer (Muon or AdamW) with warmup and a cosine schedule, gradient clipping, EMA,
+validation, fixed-noise grids and exact resume.
 
 Determinism: the model's initial weights come from ``seed``; the order of training images in epoch
 e is a permutation drawn from a generator seeded by (seed, e); the diffusion noise (t, eps, label
@@ -11,14 +12,15 @@ batch; process r trains on positions r, r + N, ... of each global batch (``Distr
 split of the same epoch permutation) and takes the same positions of the noise drawn for the global
 batch, so N processes compute the single-process update up to the order of float additions.
 Rank 0 alone validates, draws the grids and writes files.
+
+Where and in what arithmetic it runs (device, compile, precision) is decided by
+:mod:`diffusion_core.runtime`.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -26,8 +28,6 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 from torch.optim.swa_utils import AveragedModel
-from torch.utils.data import DistributedSampler
-from diffusion_core.progress import progress_bar
 
 from diffusion_core.checkpoint import (
     FORMAT_VERSION,
@@ -40,277 +40,30 @@ from diffusion_core.checkpoint import (
     save_atomic,
     save_model,
 )
-from diffusion_core.config import Config, ConfigError
-from diffusion_core.data import DATASETS, random_hflip, to_model_range
+from diffusion_core.config import TRAINING_GROUPS, Config, ConfigError
+from diffusion_core.data import DATASETS, EpochShardSampler, random_hflip, to_model_range
 from diffusion_core.images import save_grid
-from diffusion_core.optim import make_optimizer
+from diffusion_core.optim import ema_update, lr_lambda, make_optimizer
+from diffusion_core.progress import progress_bar
+from diffusion_core.runtime import (
+    autocast_to,
+    compile_kwargs,
+    dist_info,
+    init_process_group,
+    precision_name,
+    rank_seed,
+    resolve_arithmetic,
+    resolve_device,
+    set_tf32,
+    use_channels_last,
+)
 from diffusion_core.samplers import class_labels, make_scheduler, sample
-from diffusion_core.unet import use_channels_last
 
 VAL_TIMESTEP_BINS = 10
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
-    """``train.device`` -> a device; ``local_rank`` (under torchrun) picks this process's GPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name!r} but CUDA is not available on this machine")
-    if local_rank is not None and name.startswith("cuda"):
-        if name != "cuda":
-            raise ConfigError(f"train.device={name!r} pins one GPU, but torchrun started several processes; use auto or cuda (each process takes cuda:LOCAL_RANK)")
-        return torch.device("cuda", local_rank)
-    return torch.device(name)
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    """Where this process stands in a data-parallel run; rank 0 of 1 outside torchrun."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def dist_info() -> DistInfo:
-    """From an initialized process group, else from torchrun's RANK / WORLD_SIZE / LOCAL_RANK."""
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if dist.is_available() and dist.is_initialized():
-        return DistInfo(dist.get_rank(), dist.get_world_size(), local)
-    return DistInfo(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), local)
-
-
-def init_process_group(device: torch.device) -> bool:
-    """Join torchrun's process group (NCCL on CUDA, gloo on CPU); True if this call created it."""
-    if dist.is_initialized():
-        return False
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        dist.init_process_group("gloo")
-    return True
-
-
-def rank_seed(seed: int, rank: int) -> int:
-    """Seed of the global torch RNG (dropout) of process ``rank`` > 0 in a data-parallel run."""
-    return (seed + 1) * 1_000_003 + 7_919 * rank
-
-
-def cpu_has_amx() -> bool:
-    """Whether this CPU has AMX tiles (Intel Xeon since Sapphire Rapids), on which oneDNN runs
-    bfloat16 convolutions and matrix products. Compiled bf16 training of the default network ran
-    1.4-1.5x float32 here with AMX, and no faster than float32 (AVX512-BF16) or 1.7-7x slower
-    (AVX-512, AVX2) with oneDNN held to the older instruction sets (bench/RESULTS.md 4d)."""
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    try:
-        return bool(probe()) if probe else False
-    except Exception:  # noqa: BLE001 - a torch without the probe, or a platform it does not know
-        return False
-
-
-def cxx_compiler_available() -> bool:
-    """Whether torch.compile's CPU backend (inductor, which builds C++ kernels) finds a compiler."""
-    try:
-        from torch._inductor.cpp_builder import get_cpp_compiler
-
-        get_cpp_compiler()
-        return True
-    except Exception:  # noqa: BLE001 - no compiler, or an inductor without this helper
-        return False
-
-
-def triton_available() -> bool:
-    """Whether torch.compile's GPU backend (inductor, which writes Triton kernels) can run here."""
-    try:
-        from torch.utils._triton import has_triton
-
-        return bool(has_triton())
-    except Exception:  # noqa: BLE001 - a torch without the helper, or a broken Triton
-        return False
-
-
-def use_compile(setting: bool | str, device: torch.device) -> bool:
-    """``train.compile`` -> whether to torch.compile the network. ``auto`` compiles where it was
-    measured to pay (bench/RESULTS.md 4d and 8):
-
-    - on CUDA, where Triton is there: replayed as CUDA graphs (:func:`compile_mode`), the default
-      network trained 4.3x and the GPU preset 4.7x the steps/s of eager bf16 on an H200, after a
-      compile of 25 s and 76 s; eager, the GPU waits on the host's kernel launches;
-    - on a CPU with AMX, with a C++ compiler: the compiled bf16 network trains 1.4-1.5x faster
-      (float32 compiled: 1.04-1.06x, not worth a machine's first compile, 35-70 s)."""
-    if setting != "auto":
-        return bool(setting)
-    if device.type == "cuda":
-        return triton_available()
-    return device.type == "cpu" and cpu_has_amx() and cxx_compiler_available()
-
-
-def compile_mode(setting: str, device: torch.device, world: int = 1) -> str:
-    """``train.compile_mode`` -> torch.compile's mode. ``auto``: reduce-overhead (CUDA graphs) for
-    one process on CUDA, where a small network's step is bound by kernel launches; cpp-wrapper on
-    CPU, where about a tenth of the compiled step went to inductor's Python code that calls the
-    kernels (its C++ wrapper calls the same kernels: the same losses, the default network's step
-    1.04-1.07x faster, the first compile no slower; bench/RESULTS.md 4f); torch's default
-    elsewhere (with several processes on CUDA DDP's collectives would have to live inside the
-    graphs, which is not measured)."""
-    if setting != "auto":
-        return setting
-    if device.type == "cpu":
-        return "cpp-wrapper"
-    return "reduce-overhead" if device.type == "cuda" and world == 1 else "default"
-
-
-def compile_kwargs(mode: str) -> dict:
-    """A resolved compile mode -> torch.compile's keyword arguments (``default``: none; cpp-wrapper:
-    the default mode with inductor's C++ wrapper, the generated code that calls the kernels)."""
-    if mode == "default":
-        return {}
-    if mode == "cpp-wrapper":
-        return {"options": {"cpp_wrapper": True}}
-    return {"mode": mode}
-
-
-def amp_dtype(precision: str, device: torch.device, compiled: bool = False, key: str = "train.precision") -> torch.dtype | None:
-    """``train.precision`` -> the autocast dtype, or None for plain float32. ``auto``: bf16 where
-    the network is compiled, on CUDA (with bf16) and on a CPU with AMX; float32 otherwise (with
-    TF32 on CUDA). Eager, bf16's casts cost more than they save at these sizes: on CPU no faster
-    than float32; on an H200 the default network at batch 32 and the GPU preset at 128 trained
-    1.22x and 1.33x faster in float32 (TF32) than under eager bf16 autocast (bench/RESULTS.md 8).
-    ``key`` names the setting in the error for bf16 on a GPU without it."""
-    if precision == "fp32":
-        return None
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        if precision == "bf16":
-            raise ConfigError(f"{key}=bf16 but {torch.cuda.get_device_name(device)} has no bfloat16 support; use fp32 or auto")
-        return None  # auto on a pre-Ampere GPU: float32 (fp16 would need loss scaling)
-    if precision == "auto" and not (compiled and (device.type == "cuda" or cpu_has_amx())):
-        return None
-    return torch.bfloat16
-
-
-def autocast_to(device_type: str, dtype: torch.dtype | None) -> torch.autocast:
-    """Autocast to ``dtype`` (as :func:`amp_dtype` resolves it), or a disabled autocast for None (float32)."""
-    return torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
-
-
-def sampling_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """``sample.precision`` -> the autocast dtype of the network while sampling, or None for
-    float32. ``auto``: bf16 on a CPU with AMX, where the network trains in bf16 and eager bf16
-    sampling drew the default's 2,000 digits 1.3-1.4x faster, judged the same (bench/RESULTS.md 4f);
-    float32 elsewhere (on CUDA not measured). The solver's own arithmetic stays float32."""
-    if precision == "auto" and device.type != "cpu":
-        precision = "fp32"
-    return amp_dtype(precision, device, compiled=True, key="sample.precision")  # auto on CPU: bf16 where AMX is
-
-
-@contextmanager
-def sampling_arithmetic(model: torch.nn.Module, precision: str):
-    """Sample inside this block with ``model`` in ``sample.precision`` (:func:`sampling_dtype`):
-    it puts the network in the layout measured fastest for that arithmetic (channels-last for
-    float32 on CPU, else NCHW; the change outlasts the block) and autocasts its forward passes.
-    Yields the dtype, None for float32."""
-    device = next(model.parameters()).device
-    dtype = sampling_dtype(precision, device)
-    model.set_channels_last(use_channels_last("auto", device, dtype))
-    with autocast_to(device.type, dtype):
-        yield dtype
-
-
-def resolve_arithmetic(tc, device: torch.device, world: int = 1) -> tuple[bool, str | None, torch.dtype | None]:
-    """What a Trainer with train settings ``tc`` runs as on ``device`` with ``world`` processes:
-    (compiled, torch.compile's mode or None when eager, autocast dtype or None for float32)."""
-    compiled = use_compile(tc.compile, device)
-    mode = compile_mode(tc.compile_mode, device, world) if compiled else None
-    return compiled, mode, amp_dtype(tc.precision, device, compiled)
-
-
-def precision_name(dtype: torch.dtype | None) -> str:
-    """An autocast dtype as train.json and checkpoints name it: bf16, or fp32 for none."""
-    return "bf16" if dtype is not None else "fp32"
-
-
-def set_tf32(enabled: bool) -> None:
-    """TF32 tensor cores for float32 matmuls and cuDNN convolutions (CUDA, Ampere or newer)."""
-    mode = "tf32" if enabled else "ieee"
-    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9
-        torch.backends.cuda.matmul.fp32_precision = mode
-        torch.backends.cudnn.conv.fp32_precision = mode
-    else:
-        torch.backends.cuda.matmul.allow_tf32 = enabled
-        torch.backends.cudnn.allow_tf32 = enabled
-
-
-class EpochShardSampler(DistributedSampler):
-    """``DistributedSampler`` (drop_last) whose epoch permutation is :func:`epoch_permutation`.
-
-    Rank r gets ``perm[r::world]``, so its k-th batch of ``batch_size / world`` indices is the
-    positions r, r + world, ... of the single-process k-th batch ``perm[k*B:(k+1)*B]``. With one
-    process it yields ``perm`` itself: single-process runs keep the exact order they always had.
-    """
-
-    def __init__(self, n: int, seed: int, world: int = 1, rank: int = 0) -> None:
-        super().__init__(range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
-
-    def indices(self) -> torch.Tensor:
-        perm = epoch_permutation(len(self.dataset), self.seed, self.epoch)
-        return perm[self.rank : self.total_size : self.num_replicas]
-
-    def __iter__(self):
-        return iter(self.indices().tolist())
-
-
-def lr_lambda(warmup: int, total: int, schedule: str) -> Callable[[int], float]:
-    """Linear warmup to 1, then constant or cosine decay to 0 at ``total`` steps."""
-
-    def f(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 0.5 * (1 + math.cos(math.pi * progress))
-
-    return f
-
-
-def ema_decay(decay: float, n: int) -> float:
-    """The decay of the EMA update after ``n`` models have been averaged: min(decay, (1 + n) / (10 + n)).
-
-    A fixed decay from the first step (torch's ``get_ema_multi_avg_fn``) would leave a fifth of the
-    EMA at the random initialisation after a short CPU run (a few thousand steps at 0.999). The
-    warm-up (as in diffusers' EMAModel) keeps early averages close to the model.
-    """
-    return min(decay, (1 + n) / (10 + n))
-
-
-@torch.no_grad()
-def ema_update(ema: AveragedModel, model: torch.nn.Module, n: int, decay: float) -> None:
-    """``AveragedModel.update_parameters`` with the warm-up decay, ``n`` being the number of models
-    averaged so far (``ema.n_averaged``), known to the caller. torch's method reads n_averaged back
-    from the device two or three times per call; on a GPU each read waits for all queued work, so
-    the host could not run ahead of the device. Parameters and buffers (``use_buffers=True``): the
-    first update copies, the others lerp with one multi-tensor kernel."""
-    averaged = [*ema.module.parameters(), *ema.module.buffers()]
-    current = [*model.parameters(), *model.buffers()]
-    if n == 0:
-        torch._foreach_copy_(averaged, current)
-    else:
-        torch._foreach_lerp_(averaged, current, 1 - ema_decay(decay, n))
-    ema.n_averaged += 1
-
-
-def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g)
 
 
 @dataclass
@@ -335,7 +88,7 @@ class TrainResult:
 
 
 class Trainer:
-    """Trains eps_theta on in-memory uint8 splits; writes checkpoints and grids under ``out_dir``.
+    """Trains the network (to predict eps or v, ``diffusion.prediction``) on in-memory uint8 splits; writes checkpoints and grids under ``out_dir``.
 
     ``on_step(step, record)`` and ``on_epoch(epoch, record, grid_path)`` are optional callbacks
     (used by the pipeline to log to MLflow); in a data-parallel run only rank 0 calls them.
@@ -473,6 +226,8 @@ class Trainer:
         if self.is_main:
             save_atomic(state, self.checkpoint_path)
 
+    # Only the groups that change training (config.TRAINING_GROUPS, dvc.yaml's params of the train
+    # stage) are compared: sampling, judging, sweep and report keys never stop a resume.
     # Settings that do not change the trained weights: a checkpoint differing only in these resumes.
     # train.device, train.compile and train.memory_format change which kernels run (so the last
     # bits) but not the maths or its precision: a run may move to another device or memory layout,
@@ -496,7 +251,7 @@ class Trainer:
         stored = config_of(obj, path).flat()
         current = self.cfg.flat()
         for key, value in current.items():
-            if key.split(".")[0] in ("sample", "clip", "report") or key in self.RESUME_IGNORES:
+            if key.split(".")[0] not in TRAINING_GROUPS or key in self.RESUME_IGNORES:
                 continue
             if key.startswith("train.grid_") or stored.get(key) == value:
                 continue

@@ -27,7 +27,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffusion_core.config import CONDITIONINGS, unet_resolutions
+# How a residual block takes the time + class embedding (:class:`ResBlock`).
+CONDITIONINGS = ("add", "silu_add", "scale_shift")
+
+
+def unet_resolutions(size: int, levels: int) -> list[int] | None:
+    """Feature-map sizes of a U-Net with ``levels`` levels on ``size``x``size`` inputs.
+
+    Returns None when the image cannot be halved ``levels - 1`` times evenly (the decoder's
+    upsampling would then not return to the input size, e.g. 7 -> 4 -> 8).
+    """
+    out = [size]
+    for _ in range(levels - 1):
+        if out[-1] % 2:
+            return None
+        out.append(out[-1] // 2)
+    return out
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -54,7 +69,7 @@ class ResBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, emb_dim: int, groups: int, dropout: float, conditioning: str = "add") -> None:
         super().__init__()
         if conditioning not in CONDITIONINGS:
-            raise ValueError(f"model.conditioning must be one of {list(CONDITIONINGS)}, got {conditioning!r}")
+            raise ValueError(f"conditioning must be one of {list(CONDITIONINGS)}, got {conditioning!r}")
         self.conditioning = conditioning
         self.norm1 = nn.GroupNorm(groups, in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
@@ -118,16 +133,16 @@ class UNet(nn.Module):
     ) -> None:
         super().__init__()
         if image_size % patch_size:
-            raise ValueError(f"model.patch_size: {patch_size} does not divide the image size {image_size}")
+            raise ValueError(f"patch_size {patch_size} does not divide the image size {image_size}")
         resolutions = unet_resolutions(image_size // patch_size, len(channel_mult))
         if resolutions is None:
             raise ValueError(
-                f"model.channel_mult: {image_size // patch_size}x{image_size // patch_size} cannot be halved "
+                f"channel_mult: {image_size // patch_size}x{image_size // patch_size} cannot be halved "
                 f"{len(channel_mult) - 1} times evenly"
             )
         for r in attention_resolutions:
             if r not in resolutions:
-                raise ValueError(f"model.attention_resolutions: {r} is not one of this network's resolutions {resolutions}")
+                raise ValueError(f"attention_resolutions: {r} is not one of this network's resolutions {resolutions}")
         self.in_channels = in_channels
         self.image_size = image_size
         self.patch_size = patch_size
@@ -184,29 +199,11 @@ class UNet(nn.Module):
     def set_channels_last(self, enabled: bool) -> "UNet":
         """Keep convolution weights and activations channels-last (NHWC) instead of NCHW.
 
-        Same maths, another memory layout: on CPU in float32 oneDNN's NHWC convolutions train this
-        network about 15% faster (``python bench/scaling.py --levers``). Returns self.
+        Same maths, another memory layout (which one is faster depends on the device and the
+        arithmetic: :func:`diffusion_core.runtime.use_channels_last`). Returns self.
         """
         self.channels_last = enabled
         return self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
-
-    @classmethod
-    def from_config(cls, cfg, in_channels: int, image_size: int, num_classes: int) -> "UNet":
-        return cls(
-            in_channels=in_channels,
-            image_size=image_size,
-            num_classes=num_classes,
-            base_channels=cfg.base_channels,
-            channel_mult=tuple(cfg.channel_mult),
-            num_res_blocks=cfg.num_res_blocks,
-            attention_resolutions=tuple(cfg.attention_resolutions),
-            num_heads=cfg.num_heads,
-            time_embed_mult=cfg.time_embed_mult,
-            dropout=cfg.dropout,
-            norm_groups=cfg.norm_groups,
-            patch_size=cfg.patch_size,
-            conditioning=cfg.conditioning,
-        )
 
     def embed(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.time_mlp(sinusoidal_embedding(t, self.base_channels)) + self.class_emb(y)
@@ -286,17 +283,6 @@ class UNet(nn.Module):
             rows.append({"stage": f"pixel_shuffle {self.patch_size}x{self.patch_size}", "resolution": f"{self.image_size}x{self.image_size}",
                          "out_channels": self.in_channels, "attention": False, "params": 0})
         return rows
-
-
-def use_channels_last(memory_format: str, device: torch.device, amp_dtype: torch.dtype | None) -> bool:
-    """``train.memory_format`` -> whether to run the network channels-last.
-
-    ``auto`` chooses channels-last where it was measured faster: float32 on CPU. With bf16 autocast
-    on CPU it was measured twice as slow, and on CUDA it has not been measured, so auto keeps NCHW there.
-    """
-    if memory_format == "auto":
-        return device.type == "cpu" and amp_dtype is None
-    return memory_format == "channels_last"
 
 
 def count_parameters(model: nn.Module) -> int:

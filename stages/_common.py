@@ -8,12 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from diffusion_core.checkpoint import CheckpointError
-from diffusion_core.config import ConfigError
-from diffusion_core.data import DataError
-from diffusion_core.tracking import TrackingError
-
-USER_ERRORS = (ConfigError, DataError, CheckpointError, TrackingError, FileNotFoundError)
+from diffusion_core.errors import USER_ERRORS, DataError
 
 
 def one_line_errors(fn: Callable) -> Callable:

@@ -7,7 +7,7 @@ For every judge, under ``evaluation/<judge>/``:
 * ``ranking.csv``: classes from easiest to hardest, with that evidence;
 * ``confusion_generated.csv``, ``confusion_real.csv``: requested (rows) vs judged (columns);
 * ``recognizability_curve.csv`` and ``recognizability.csv``: judge accuracy on x_t and on the
-  predicted x0 along the reverse process, and where it first passes 50% and 90%.
+  predicted x0 along the reverse process, and from where on it stays at or above 50% and 90%.
 
 Metrics: ``reports/metrics/evaluate.json``. Tables go to the MLflow run with ``mlflow.log_table``.
 """
@@ -31,10 +31,11 @@ from diffusion_core.clip_eval import (
     recognizability,
     text_embeddings,
 )
-from diffusion_core.clip_judge import TRAINED_ENTRIES, check_entry, load_judge, slug
+from diffusion_core.clip_judge import TRAINED_ENTRIES, slug
 from diffusion_core.config import load_config
-from diffusion_core.data import DataError, dataset_prompts, load_split
-from diffusion_core.trainer import resolve_device
+from diffusion_core.data import DataError, dataset_prompts, load_split, take_per_class
+from diffusion_core.judges import check_entry, load_judge
+from diffusion_core.runtime import resolve_device
 from stages._common import one_line_errors, read_json, write_json
 
 app = typer.Typer(add_completion=False)
@@ -60,9 +61,65 @@ def load_samples(path: Path, num_classes: int, channels: int, size: int) -> tupl
     return torch.from_numpy(images.copy()), torch.from_numpy(labels.copy())
 
 
-def take_per_class(split: dict[str, torch.Tensor], per_class: int, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    idx = torch.cat([torch.nonzero(split["labels"] == c).flatten()[:per_class] for c in range(num_classes)])
-    return split["images"][idx], split["labels"][idx]
+def judge_one(entry: str, judge, gen, real, ref, traj, names: list[str], text: torch.Tensor, batch_size: int,
+              folder: Path) -> dict:
+    """Judge the generated images (``gen``), real test images (``real``) and real validation images
+    (``ref``, the real-vs-real reference) with one judge; write its tables to ``folder``; return its metrics."""
+    (gen_images, gen_labels), (real_images, real_labels), (ref_images, _) = gen, real, ref
+    folder.mkdir(parents=True, exist_ok=True)
+    g_emb, g_score, g_pred = judge_images(judge, gen_images, gen_labels, text, batch_size)
+    r_emb, r_score, r_pred = judge_images(judge, real_images, real_labels, text, batch_size)
+    ref_emb = judge.encode_images(ref_images, batch_size)
+    table = per_class_table(names, gen_labels, g_score, g_pred, g_emb, real_labels, r_score, r_pred, r_emb)
+    ranking = rank_classes(table)
+    table.to_csv(folder / "per_class.csv", index=False)
+    ranking.to_csv(folder / "ranking.csv", index=False)
+    for kind, lab, pred in (("generated", gen_labels, g_pred), ("real", real_labels, r_pred)):
+        pd.DataFrame(confusion_matrix(lab, pred, len(names)), index=names, columns=names).to_csv(folder / f"confusion_{kind}.csv")
+    result = {
+        "n_generated": len(gen_labels),
+        "n_real": len(real_labels),
+        "accuracy_generated": float((g_pred == gen_labels).float().mean()),
+        "accuracy_real": float((r_pred == real_labels).float().mean()),
+        "clip_score_generated": float(g_score.mean()),
+        "clip_score_real": float(r_score.mean()),
+        "frechet_distance": frechet_distance(g_emb, r_emb),
+        "frechet_distance_real_reference": frechet_distance(ref_emb, r_emb),
+        "worst_class": str(ranking.iloc[-1]["name"]),
+        "worst_class_accuracy": float(ranking.iloc[-1]["accuracy_generated"]),
+        "easiest_class": str(ranking.iloc[0]["name"]),
+    }
+    if traj is not None:
+        result.update(judge_trajectory(entry, judge, traj, names, text, batch_size, folder))
+    tracking.safe.log_table(table, f"clip/{slug(entry)}/per_class.json")
+    tracking.safe.log_table(ranking, f"clip/{slug(entry)}/ranking.json")
+    return result
+
+
+def judge_trajectory(entry: str, judge, traj: dict, names: list[str], text: torch.Tensor, batch_size: int, folder: Path) -> dict:
+    """Judge accuracy along the reverse process; writes the curve and its crossings, returns where
+    the whole set stays at or above 50% and 90% from then on."""
+    curve, cross = recognizability(
+        judge, traj["fraction"], torch.from_numpy(traj["x_t"]).float(), torch.from_numpy(traj["x0"]).float(),
+        torch.from_numpy(traj["labels"]), text, names, batch_size,
+    )
+    curve.to_csv(folder / "recognizability_curve.csv", index=False)
+    cross.to_csv(folder / "recognizability.csv", index=False)
+    tracking.safe.log_table(curve, f"clip/{slug(entry)}/recognizability_curve.json")
+    overall = cross[(cross["class"] == "all")].set_index("image")
+    return {
+        "recognizable_50_x0": float(overall.loc["x0_pred", "fraction_50"]),
+        "recognizable_90_x0": float(overall.loc["x0_pred", "fraction_90"]),
+        "recognizable_50_xt": float(overall.loc["x_t", "fraction_50"]),
+        "recognizable_90_xt": float(overall.loc["x_t", "fraction_90"]),
+    }
+
+
+def load_trajectory(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as f:
+        return {key: f[key] for key in ("fraction", "x_t", "x0", "labels")}
 
 
 @app.command()
@@ -85,64 +142,19 @@ def main(
     names = stats["class_names"]
     prompt_names, templates = dataset_prompts(stats)  # what the captions call each class
     k = len(names)
-    gen_images, gen_labels = load_samples(samples / "samples.npz", k, stats["channels"], stats["size"])
-    real_images, real_labels = take_per_class(load_split(data, "test"), c.real_per_class, k)
-    ref_images, ref_labels = take_per_class(load_split(data, "val"), c.real_per_class, k)
-    traj = None
-    if (samples / "trajectory.npz").is_file():
-        with np.load(samples / "trajectory.npz", allow_pickle=False) as f:
-            traj = {key: f[key] for key in ("fraction", "x_t", "x0", "labels")}
+    gen = load_samples(samples / "samples.npz", k, stats["channels"], stats["size"])
+    real = take_per_class(load_split(data, "test"), c.real_per_class, k)
+    ref = take_per_class(load_split(data, "val"), c.real_per_class, k)
+    traj = load_trajectory(samples / "trajectory.npz")
     device = resolve_device(cfg.train.device)
 
     with tracking.stage_run("evaluate", samples / "run.json", out / "run.json", tracking.stage_params(cfg.flat(), "evaluate")) as run_id:
         summary = {}
         for entry in c.models:
             judge = load_judge(entry, device, digit_clip, expect_classes=prompt_names)
-            folder = out / slug(entry)
-            folder.mkdir(parents=True, exist_ok=True)
             text = text_embeddings(judge, prompt_names, templates)
-            g_emb, g_score, g_pred = judge_images(judge, gen_images, gen_labels, text, c.batch_size)
-            r_emb, r_score, r_pred = judge_images(judge, real_images, real_labels, text, c.batch_size)
-            ref_emb = judge.encode_images(ref_images, c.batch_size)
-            table = per_class_table(names, gen_labels, g_score, g_pred, g_emb, real_labels, r_score, r_pred, r_emb)
-            ranking = rank_classes(table)
-            table.to_csv(folder / "per_class.csv", index=False)
-            ranking.to_csv(folder / "ranking.csv", index=False)
-            for kind, lab, pred in (("generated", gen_labels, g_pred), ("real", real_labels, r_pred)):
-                pd.DataFrame(confusion_matrix(lab, pred, k), index=names, columns=names).to_csv(folder / f"confusion_{kind}.csv")
-            result = {
-                "n_generated": len(gen_labels),
-                "n_real": len(real_labels),
-                "accuracy_generated": float((g_pred == gen_labels).float().mean()),
-                "accuracy_real": float((r_pred == real_labels).float().mean()),
-                "clip_score_generated": float(g_score.mean()),
-                "clip_score_real": float(r_score.mean()),
-                "frechet_distance": frechet_distance(g_emb, r_emb),
-                "frechet_distance_real_reference": frechet_distance(ref_emb, r_emb),
-                "worst_class": str(ranking.iloc[-1]["name"]),
-                "worst_class_accuracy": float(ranking.iloc[-1]["accuracy_generated"]),
-                "easiest_class": str(ranking.iloc[0]["name"]),
-            }
-            if traj is not None:
-                curve, cross = recognizability(
-                    judge, traj["fraction"], torch.from_numpy(traj["x_t"]).float(), torch.from_numpy(traj["x0"]).float(),
-                    torch.from_numpy(traj["labels"]), text, names, c.batch_size,
-                )
-                curve.to_csv(folder / "recognizability_curve.csv", index=False)
-                cross.to_csv(folder / "recognizability.csv", index=False)
-                overall = cross[(cross["class"] == "all")].set_index("image")
-                result.update(
-                    {
-                        "recognizable_50_x0": float(overall.loc["x0_pred", "fraction_50"]),
-                        "recognizable_90_x0": float(overall.loc["x0_pred", "fraction_90"]),
-                        "recognizable_50_xt": float(overall.loc["x_t", "fraction_50"]),
-                        "recognizable_90_xt": float(overall.loc["x_t", "fraction_90"]),
-                    }
-                )
-                tracking.safe.log_table(curve, f"clip/{slug(entry)}/recognizability_curve.json")
+            result = judge_one(entry, judge, gen, real, ref, traj, names, text, c.batch_size, out / slug(entry))
             summary[slug(entry)] = result
-            tracking.safe.log_table(table, f"clip/{slug(entry)}/per_class.json")
-            tracking.safe.log_table(ranking, f"clip/{slug(entry)}/ranking.json")
             tracking.safe.log_metrics({f"evaluate/{slug(entry)}/{key}": v for key, v in result.items() if isinstance(v, float) and np.isfinite(v)})
             typer.echo(
                 f"{entry}: generated accuracy {result['accuracy_generated']:.3f} (real {result['accuracy_real']:.3f}), "

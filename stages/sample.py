@@ -17,52 +17,23 @@ On request, by class name or index: ``python -m stages.sample --class horse --co
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 import typer
-from diffusion_core.progress import progress_bar
 
 from diffusion_core import tracking
-from diffusion_core.checkpoint import load_model
-from diffusion_core.config import ConfigError, load_config
+from diffusion_core.config import ConfigError, load_config, sampling_kwargs
 from diffusion_core.data import DATASETS, to_uint8
 from diffusion_core.images import save_grid
-from diffusion_core.samplers import class_labels, guidance_at, make_scheduler, sample
-from diffusion_core.trainer import precision_name, resolve_device, sampling_arithmetic, sampling_dtype
+from diffusion_core.pipeline import DiffusionPipeline, class_index
+from diffusion_core.runtime import precision_name, resolve_device, sampling_dtype
+from diffusion_core.samplers import class_labels, guidance_at, make_scheduler
 from stages._common import one_line_errors, write_json
 
 app = typer.Typer(add_completion=False)
-
-
-def draw(model, diffusion, labels: torch.Tensor, sampler: str, steps: int, eta: float, guidance: float,
-         seed: int, shape: tuple[int, ...], batch_size: int, progress: bool = True,
-         interval: Sequence[float] = (0.0, 1.0), spacing: str = "trailing", precision: str = "fp32") -> torch.Tensor:
-    """Sample ``labels`` in batches with one seeded generator; returns [N, C, H, W] in [-1, 1].
-    ``guidance`` applies inside ``interval`` (fractions of the timesteps, see ``samplers.guidance_at``);
-    ``spacing`` chooses the visited timesteps (``samplers.spaced_timesteps``); ``precision`` is
-    ``sample.precision`` (:func:`sampling_arithmetic`, which also sets the network's layout; the stages pass
-    params.yaml's, auto by default)."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    batches = list(torch.split(labels, batch_size))
-    with sampling_arithmetic(model, precision):
-        for y in progress_bar(batches, desc=f"sampling ({sampler}, {len(labels)} images)", disable=not progress):
-            sched = make_scheduler(sampler, diffusion, steps, eta, spacing)
-            out.append(sample(model, diffusion, sched, y, guidance, g, shape=shape, guidance_interval=interval).images)
-    return torch.cat(out)
-
-
-def draw_configured(model, diffusion, labels: torch.Tensor, s, seed: int, shape: tuple[int, ...], guidance: float | None = None,
-                    interval: Sequence[float] | None = None, progress: bool = True) -> torch.Tensor:
-    """:func:`draw` as the ``sample`` group of params.yaml (``s``, a SampleConfig) says: its sampler,
-    steps, eta, timestep spacing, batch size and precision; ``guidance`` and ``interval`` replace its own."""
-    return draw(model, diffusion, labels, s.sampler, s.steps, s.eta, s.guidance_scale if guidance is None else guidance, seed,
-                shape, s.batch_size, progress=progress, interval=s.guidance_interval if interval is None else interval,
-                spacing=s.timestep_spacing, precision=s.precision)
 
 
 def resolve_class(names: list[str], klass: str | None, digit: int | None) -> int | None:
@@ -75,13 +46,10 @@ def resolve_class(names: list[str], klass: str | None, digit: int | None) -> int
         return digit
     if klass is None:
         return None
-    key = klass.strip().lower()
-    for i, name in enumerate(names):
-        if name.lower() == key:
-            return i
-    if key.isdigit() and int(key) < len(names):
-        return int(key)
-    raise ConfigError(f"--class must be a class name ({', '.join(names)}) or an index in [0, {len(names) - 1}], got {klass!r}")
+    try:
+        return class_index(names, klass)
+    except ValueError:
+        raise ConfigError(f"--class must be a class name ({', '.join(names)}) or an index in [0, {len(names) - 1}], got {klass!r}") from None
 
 
 def save_samples(path: Path, images: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> None:
@@ -90,6 +58,76 @@ def save_samples(path: Path, images: torch.Tensor, labels: torch.Tensor, class_n
         u8 = u8[:, 0]
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(path, images=u8, labels=labels.numpy().astype(np.int64), class_names=np.array(class_names))
+
+
+def draw_on_request(cfg, pipe: DiffusionPipeline, c: int, count: int, seed: int | None, out: Path | None) -> None:
+    """``--class``/``--digit``: ``count`` images of class ``c`` as one PNG grid."""
+    s, names = cfg.sample, pipe.class_names
+    if out is None:
+        digits = DATASETS.get(pipe.config.data.source, DATASETS["mnist"]).noun == "digit"
+        out = Path("digits.png" if digits else "".join(ch if ch.isalnum() else "-" for ch in names[c].lower()) + ".png")
+    labels = torch.full((count,), c, dtype=torch.long)
+    images = pipe(labels, **sampling_kwargs(s), seed=cfg.seed + 10 if seed is None else seed, progress=True)
+    save_grid(images, out, nrow=min(count, 8), scale=3)
+    typer.echo(f"drew {count} x '{names[c]}' with {s.sampler} (w={s.guidance_scale} at t/T in {s.guidance_interval}) -> {out}")
+
+
+def save_trajectory(cfg, pipe: DiffusionPipeline, out_dir: Path) -> dict:
+    """The reverse process of ``sample.trajectory_per_class`` images per class -> trajectory.npz."""
+    s, names = cfg.sample, pipe.class_names
+    if not s.trajectory_per_class:
+        return {}
+    labels = class_labels(len(names), s.trajectory_per_class)
+    tr = pipe.trajectory(labels, s.trajectory_points, **sampling_kwargs(s), seed=cfg.seed + 11, progress=True)
+    np.savez_compressed(
+        out_dir / "trajectory.npz",
+        fraction=tr.fraction.numpy(), timestep=tr.timestep.numpy(),
+        x_t=tr.x_t.half().numpy(), x0=tr.x0.half().numpy(), labels=labels.numpy(),
+        class_names=np.array(names),
+    )
+    return {"trajectory_images": len(labels), "trajectory_points": len(tr.fraction)}
+
+
+def sampling_summary(cfg, pipe: DiffusionPipeline, images: int, seconds: float, device: torch.device) -> dict:
+    """reports/metrics/sample.json: the sampler's settings, its network evaluations and time per image."""
+    s = cfg.sample
+    timesteps = make_scheduler(s.sampler, pipe.diffusion, s.steps, s.eta, s.timestep_spacing).timesteps.tolist()
+    guided = sum(guidance_at(t, pipe.diffusion.timesteps, s.guidance_scale, s.guidance_interval) > 0 for t in timesteps)
+    return {
+        "sampler": s.sampler,
+        "steps": len(timesteps),
+        "timestep_spacing": s.timestep_spacing if s.sampler != "ddpm" else "every",
+        "guidance_scale": s.guidance_scale,
+        "guidance_interval": s.guidance_interval,
+        "guided_steps": guided,
+        "images": images,
+        "seconds": round(seconds, 3),
+        "seconds_per_image": seconds / images,
+        "network_evaluations_per_image": len(timesteps) + guided,  # a guided step evaluates the network twice
+        "device": str(device),
+        "precision": precision_name(sampling_dtype(s.precision, device)),
+        "model_steps": pipe.meta.get("steps"),
+    }
+
+
+def draw_pipeline_samples(cfg, pipe: DiffusionPipeline, out_dir: Path, metrics: Path, device: torch.device) -> None:
+    """Pipeline mode: ``sample.per_class`` images of every class, the grid, the trajectory and the metrics."""
+    names = pipe.class_names
+    s = cfg.sample
+    labels = class_labels(len(names), s.per_class)
+    t0 = time.perf_counter()
+    images = pipe(labels, **sampling_kwargs(s), seed=cfg.seed + 10, progress=True)
+    seconds = time.perf_counter() - t0
+    save_samples(out_dir / "samples.npz", images, labels, names)
+    per_row = min(s.per_class, 10)
+    first = torch.cat([images[labels == c][:per_row] for c in range(len(names))])
+    save_grid(first, out_dir / "grid.png", nrow=per_row)
+    summary = {**sampling_summary(cfg, pipe, len(labels), seconds, device), **save_trajectory(cfg, pipe, out_dir)}
+    write_json(metrics, summary)
+    tracking.safe.log_metrics({"sample/seconds_per_image": summary["seconds_per_image"], "sample/images": len(labels)})
+    tracking.safe.log_artifact(str(out_dir / "grid.png"), "samples")
+    tracking.safe.log_artifact(str(out_dir / "samples.npz"), "samples")
+    typer.echo(f"sampled {len(labels)} images in {seconds:.1f}s ({1000 * seconds / len(labels):.1f} ms/image)")
 
 
 @app.command()
@@ -108,87 +146,21 @@ def main(
     seed: Optional[int] = typer.Option(None, help="on request: random seed (default: from params)"),
     out: Optional[Path] = typer.Option(None, help="on request: PNG to write (default: digits.png for digits, else <class>.png)"),
 ) -> None:
-    overrides = {}
-    if guidance is not None:
-        overrides["sample.guidance_scale"] = guidance
-    if sampler is not None:
-        overrides["sample.sampler"] = sampler
-    if steps is not None:
-        overrides["sample.steps"] = steps
+    overrides = {key: value for key, value in (("sample.guidance_scale", guidance), ("sample.sampler", sampler),
+                                               ("sample.steps", steps)) if value is not None}
     cfg = load_config(params, overrides=overrides)
-    s = cfg.sample
-    interval = s.guidance_interval
     device = resolve_device(cfg.train.device)
     if klass is not None or digit is not None:
         if count <= 0:
             raise ConfigError(f"--count must be > 0, got {count}")
-        model, diffusion, mcfg, info, _ = load_model(model_path, device)
-        names = info["class_names"]
-        c = resolve_class(names, klass, digit)
-        if out is None:
-            digits = DATASETS.get(mcfg.data.source, DATASETS["mnist"]).noun == "digit"
-            out = Path("digits.png" if digits else "".join(ch if ch.isalnum() else "-" for ch in names[c].lower()) + ".png")
-        shape = (info["channels"], info["size"], info["size"])
-        labels = torch.full((count,), c, dtype=torch.long)
-        images = draw_configured(model, diffusion, labels, s, cfg.seed + 10 if seed is None else seed, shape)
-        save_grid(images, out, nrow=min(count, 8), scale=3)
-        typer.echo(f"drew {count} x '{names[c]}' with {s.sampler} (w={s.guidance_scale} at t/T in {s.guidance_interval}) -> {out}")
+        pipe = DiffusionPipeline.from_pretrained(model_path, device)
+        draw_on_request(cfg, pipe, resolve_class(pipe.class_names, klass, digit), count, seed, out)
         return
-
-    model, diffusion, mcfg, info, meta = load_model(model_path, device, expect=cfg)
-    names = info["class_names"]
-    shape = (info["channels"], info["size"], info["size"])
+    pipe = DiffusionPipeline.from_pretrained(model_path, device, expect=cfg)
     with tracking.stage_run("sample", model_path.parent / "run.json", out_dir / "run.json",
                             tracking.stage_params(cfg.flat(), "sample")) as run_id:
-        labels = class_labels(len(names), s.per_class)
-        t0 = time.perf_counter()
-        images = draw_configured(model, diffusion, labels, s, cfg.seed + 10, shape)
-        seconds = time.perf_counter() - t0
-        save_samples(out_dir / "samples.npz", images, labels, names)
-        per_row = min(s.per_class, 10)
-        first = torch.cat([images[labels == c][:per_row] for c in range(len(names))])
-        save_grid(first, out_dir / "grid.png", nrow=per_row)
-
-        traj_info = {}
-        sched = make_scheduler(s.sampler, diffusion, s.steps, s.eta, s.timestep_spacing)
-        if s.trajectory_per_class:
-            tl = class_labels(len(names), s.trajectory_per_class)
-            g = torch.Generator().manual_seed(cfg.seed + 11)
-            with sampling_arithmetic(model, s.precision):
-                res = sample(model, diffusion, sched, tl, s.guidance_scale, g, shape=shape, trajectory_points=s.trajectory_points,
-                             progress=True, guidance_interval=interval)
-            tr = res.trajectory
-            np.savez_compressed(
-                out_dir / "trajectory.npz",
-                fraction=tr.fraction.numpy(), timestep=tr.timestep.numpy(),
-                x_t=tr.x_t.half().numpy(), x0=tr.x0.half().numpy(), labels=tl.numpy(),
-                class_names=np.array(names),
-            )
-            traj_info = {"trajectory_images": len(tl), "trajectory_points": len(tr.fraction)}
-        timesteps = sched.timesteps.tolist()
-        nfe = len(timesteps)
-        guided = sum(guidance_at(t, diffusion.timesteps, s.guidance_scale, interval) > 0 for t in timesteps)
-        summary = {
-            "sampler": s.sampler,
-            "steps": nfe,
-            "timestep_spacing": s.timestep_spacing if s.sampler != "ddpm" else "every",
-            "guidance_scale": s.guidance_scale,
-            "guidance_interval": interval,
-            "guided_steps": guided,
-            "images": len(labels),
-            "seconds": round(seconds, 3),
-            "seconds_per_image": seconds / len(labels),
-            "network_evaluations_per_image": nfe + guided,  # a guided step evaluates the network twice
-            "device": str(device),
-            "precision": precision_name(sampling_dtype(s.precision, device)),
-            "model_steps": meta.get("steps"),
-            **traj_info,
-        }
-        write_json(metrics, summary)
-        tracking.safe.log_metrics({"sample/seconds_per_image": summary["seconds_per_image"], "sample/images": len(labels)})
-        tracking.safe.log_artifact(str(out_dir / "grid.png"), "samples")
-        tracking.safe.log_artifact(str(out_dir / "samples.npz"), "samples")
-        typer.echo(f"sampled {len(labels)} images in {seconds:.1f}s ({1000 * seconds / len(labels):.1f} ms/image); MLflow run {run_id}")
+        draw_pipeline_samples(cfg, pipe, out_dir, metrics, device)
+        typer.echo(f"MLflow run {run_id}")
 
 
 if __name__ == "__main__":

@@ -16,16 +16,14 @@ from pathlib import Path
 import pandas as pd
 import typer
 
-from diffusion_core.checkpoint import load_model
 from diffusion_core.clip_eval import frechet_distance, judge_images, text_embeddings
-from diffusion_core.clip_judge import load_judge
-from diffusion_core.config import load_config
-from diffusion_core.data import dataset_prompts, load_split
+from diffusion_core.config import load_config, sampling_kwargs
+from diffusion_core.data import dataset_prompts, load_split, take_per_class
+from diffusion_core.judges import load_judge
+from diffusion_core.pipeline import DiffusionPipeline
+from diffusion_core.runtime import resolve_device
 from diffusion_core.samplers import class_labels, sampler_spec
-from diffusion_core.trainer import resolve_device
 from stages._common import one_line_errors, read_json
-from stages.evaluate import take_per_class
-from stages.sample import draw
 
 app = typer.Typer(add_completion=False)
 
@@ -42,11 +40,10 @@ def main(
     cfg = load_config(params)
     w, s = cfg.sweep, cfg.sample
     device = resolve_device(cfg.train.device)
-    model, diffusion, _, info, _ = load_model(model_path, device, expect=cfg)
-    names = info["class_names"]
+    pipe = DiffusionPipeline.from_pretrained(model_path, device, expect=cfg)
+    names = pipe.class_names
     prompt_names, templates = dataset_prompts(read_json(data / "stats.json"))
     judge = load_judge("digit-clip", device, digit_clip, expect_classes=prompt_names)
-    shape = (info["channels"], info["size"], info["size"])
     text = text_embeddings(judge, prompt_names, templates)
     real_images, real_labels = take_per_class(load_split(data, "test"), w.per_class, len(names))
     real_emb, _, _ = judge_images(judge, real_images, real_labels, text, cfg.clip.batch_size)
@@ -57,14 +54,14 @@ def main(
     for kind, sampler, steps, g in runs:
         if (sampler, steps, g) not in drawn:  # the default sampler at the default w is in both sweeps: draw it once
             t0 = time.perf_counter()
-            images = draw(model, diffusion, labels, sampler, steps, s.eta, g, cfg.seed + 20, shape, s.batch_size, progress=False,
-                          interval=s.guidance_interval, spacing=s.timestep_spacing, precision=s.precision)
+            settings = {**sampling_kwargs(s), "sampler": sampler, "steps": steps, "guidance_scale": g}
+            images = pipe(labels, **settings, seed=cfg.seed + 20)
             drawn[sampler, steps, g] = images, time.perf_counter() - t0
         images, seconds = drawn[sampler, steps, g]
         emb, score, pred = judge_images(judge, images, labels, text, cfg.clip.batch_size)
         rows.append(
             {
-                "sweep": kind, "sampler": sampler, "steps": steps if sampler != "ddpm" else diffusion.timesteps,
+                "sweep": kind, "sampler": sampler, "steps": steps if sampler != "ddpm" else pipe.diffusion.timesteps,
                 "guidance_scale": g, "images": len(labels),
                 "accuracy": float((pred == labels).float().mean()),
                 "clip_score": float(score.mean()),

@@ -42,8 +42,8 @@ def centroid_judge(split: dict, test: dict):
 
 
 def test_readme_gpu_preset_is_the_benchmarks():
-    """The README's "Full MNIST on a GPU" command and GPU_PRESET name the same settings."""
-    text = (REPO / "README.md").read_text()
+    """docs/scaling.md's "Full MNIST on a GPU" command and GPU_PRESET name the same settings."""
+    text = (REPO / "docs" / "scaling.md").read_text()
     block = text[text.index("### Full MNIST on a GPU"):]
     block = block[block.index("```bash"): block.index("```", block.index("```bash") + 3)]
     flags = dict(re.findall(r"-S ([\w.]+)=('[^']*'|\S+)", block))

@@ -18,7 +18,8 @@ from diffusion_core.clip_eval import (
     recognizability,
     zero_shot,
 )
-from diffusion_core.clip_judge import ClipJudge, ClipModelError, check_entry, load_judge, to_clip_input
+from diffusion_core.clip_judge import ClipJudge, ClipModelError, to_clip_input
+from diffusion_core.judges import check_entry, load_judge
 from diffusion_core.data import DIGIT_NAMES
 
 

@@ -19,7 +19,8 @@ import pytest
 import torch
 import yaml
 
-from diffusion_core.clip_judge import class_prompts, load_judge
+from diffusion_core.clip_judge import class_prompts
+from diffusion_core.judges import load_judge
 from diffusion_core.config import ConfigError, config_from_dict
 from diffusion_core.data import (
     CIFAR10_NAMES,

@@ -115,7 +115,7 @@ def test_ddpm_visits_every_timestep_and_others_visit_steps():
         ts = make_scheduler(name, d, 10).timesteps
         assert len(ts) == 10 and ts[0] == 49 and torch.all(ts[1:] < ts[:-1])
     assert trailing_timesteps(1000, 20)[-1] == 49
-    with pytest.raises(ValueError, match="sample.steps"):
+    with pytest.raises(ValueError, match="steps must be in"):
         trailing_timesteps(50, 51)
     assert set(SAMPLERS) == {"ddpm", "ddim", "dpm++2m"}
     assert record_indices(20, 11) == [0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20]
@@ -136,9 +136,9 @@ def test_logsnr_and_karras_spacings_put_steps_at_low_noise():
     # as many steps as timesteps: every t once, whatever the spacing would round to
     assert spaced_timesteps(d.alpha_bar, 1000, "karras").tolist() == list(range(999, -1, -1))
     assert spaced_timesteps(d.alpha_bar, 1, "logsnr").tolist() == [999]
-    with pytest.raises(ValueError, match="sample.timestep_spacing must be one of"):
+    with pytest.raises(ValueError, match="timestep spacing must be one of"):
         spaced_timesteps(d.alpha_bar, 10, "leading")
-    with pytest.raises(ValueError, match="sample.steps"):
+    with pytest.raises(ValueError, match="steps must be in"):
         spaced_timesteps(d.alpha_bar, 1001, "logsnr")
     from stages.report import steps_text  # the report names a spacing other than the even one
 
@@ -161,11 +161,12 @@ def test_samplers_are_seeded_and_reproducible():
     for name in SAMPLERS:
         assert torch.equal(run(1, name), run(1, name))
         assert not torch.equal(run(1, name), run(2, name))
-    # the sample stage's draw() passes sample.timestep_spacing through: trailing is the default
-    from stages.sample import draw
+    # the pipeline (which the sample and sweep stages draw through) passes the timestep spacing through
+    from diffusion_core.pipeline import DiffusionPipeline
 
-    drawn = {sp: draw(model, d, labels, "dpm++2m", 5, 0.0, 2.0, 1, (1, 28, 28), 10, progress=False, spacing=sp)
-             for sp in ("trailing", "logsnr")}
+    pipe = DiffusionPipeline(model, d, (1, 28, 28))
+    drawn = {sp: pipe(labels, sampler="dpm++2m", steps=5, guidance_scale=2.0, seed=1, batch_size=10, precision="fp32",
+                      timestep_spacing=sp) for sp in ("trailing", "logsnr")}
     assert torch.equal(drawn["trailing"], run(1, "dpm++2m"))
     assert not torch.equal(drawn["logsnr"], drawn["trailing"])
 

@@ -28,7 +28,8 @@ from conftest import REPO, tiny_config
 from diffusion_core.config import ConfigError
 from diffusion_core.data import DATASETS
 from diffusion_core.diffusion import GaussianDiffusion
-from diffusion_core.trainer import EpochShardSampler, Trainer, epoch_permutation
+from diffusion_core.data import EpochShardSampler, epoch_permutation
+from diffusion_core.trainer import Trainer
 from tiny_params import write_tiny_params
 
 ATOL = 1e-4
@@ -166,7 +167,7 @@ def test_two_processes_match_one_and_only_rank_0_writes(mnist5k, tmp_path):
 
 
 def project(dst: Path) -> None:
-    for f in ["params.yaml", *[str(p.relative_to(REPO)) for p in (REPO / "stages").glob("*.py")],
+    for f in ["params.yaml", "dvc.yaml", *[str(p.relative_to(REPO)) for p in (REPO / "stages").glob("*.py")],
               *[str(p.relative_to(REPO)) for p in (REPO / "diffusion_core").glob("*.py")]]:
         (dst / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / f, dst / f)

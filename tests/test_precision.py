@@ -10,8 +10,9 @@ import torch
 from conftest import tiny_config
 from diffusion_core.config import ConfigError
 from diffusion_core.data import DATASETS
-import diffusion_core.trainer as trainer_mod
-from diffusion_core.trainer import Trainer, amp_dtype, compile_mode, sampling_dtype, use_compile
+import diffusion_core.runtime as runtime_mod
+from diffusion_core.runtime import amp_dtype, compile_mode, sampling_dtype, use_compile
+from diffusion_core.trainer import Trainer
 
 INFO = {"channels": 1, "size": 28, "class_names": list(DATASETS["mnist-5k"].class_names)}
 
@@ -34,9 +35,9 @@ def test_precision_setting_resolves_per_device():
     cpu = torch.device("cpu")
     assert amp_dtype("auto", cpu) is None and amp_dtype("fp32", cpu) is None
     assert amp_dtype("bf16", cpu) is torch.bfloat16
-    with pytest.raises(ConfigError, match="train.precision must be auto, fp32 or bf16, got 'fp16'"):
+    with pytest.raises(ConfigError, match="train.precision must be one of auto, fp32, bf16, got 'fp16'"):
         tiny_config(train={"precision": "fp16"})
-    with pytest.raises(ConfigError, match="train.compile must be auto, true or false, got 'yes'"):
+    with pytest.raises(ConfigError, match="train.compile must be one of auto, true, false, got 'yes'"):
         tiny_config(train={"compile": "yes"})
     with pytest.raises(ConfigError, match="train.compile must be bool or str, got 1"):
         tiny_config(train={"compile": 1})
@@ -52,8 +53,8 @@ def test_auto_compiles_in_bf16_only_on_a_cpu_with_amx_and_a_compiler(monkeypatch
     """compile=auto and precision=auto take the measured fast path (compiled bf16, 1.4-1.5x here)
     only where it was measured fast: a CPU with AMX, with a C++ compiler for inductor. Elsewhere
     float32 eager, and an explicit setting always wins."""
-    monkeypatch.setattr(trainer_mod, "cpu_has_amx", lambda: amx)
-    monkeypatch.setattr(trainer_mod, "cxx_compiler_available", lambda: compiler)
+    monkeypatch.setattr(runtime_mod, "cpu_has_amx", lambda: amx)
+    monkeypatch.setattr(runtime_mod, "cxx_compiler_available", lambda: compiler)
     cpu = torch.device("cpu")
     assert use_compile("auto", cpu) is (amx and compiler)
     assert use_compile(True, cpu) is True and use_compile(False, cpu) is False
@@ -66,10 +67,10 @@ def test_auto_compiles_in_bf16_only_on_a_cpu_with_amx_and_a_compiler(monkeypatch
 
 @pytest.mark.parametrize("triton", [True, False])
 def test_auto_on_cuda_compiles_as_cuda_graphs_in_bf16_where_triton_is(monkeypatch, triton):
-    """Measured on an H200 (bench/RESULTS.md 8): compiled as CUDA graphs (reduce-overhead) under
+    """Measured on an H200 (docs/results/gpu.md#findings): compiled as CUDA graphs (reduce-overhead) under
     bf16 autocast, 4.3-4.7x eager; eager, float32 (TF32) beat bf16 autocast 1.22-1.33x. The
     resolution is checked here with CUDA's answers stubbed (the CUDA tests run the paths)."""
-    monkeypatch.setattr(trainer_mod, "triton_available", lambda: triton)
+    monkeypatch.setattr(runtime_mod, "triton_available", lambda: triton)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     cuda = torch.device("cuda")
     assert use_compile("auto", cuda) is triton and use_compile(False, cuda) is False
@@ -85,8 +86,8 @@ def test_auto_on_an_amx_cpu_trains_compiled_bf16_that_tracks_fp32(mnist5k, tmp_p
     """The default on a CPU with AMX (forced here, so the path runs on any machine): the compiled
     network (inductor's C++ wrapper around its kernels) trains under bf16 autocast in NCHW, its loss
     tracks a float32 eager run as the bf16 test's does, and a checkpoint of it is not resumed by a run whose auto resolves to float32."""
-    monkeypatch.setattr(trainer_mod, "cpu_has_amx", lambda: True)
-    monkeypatch.setattr(trainer_mod, "cxx_compiler_available", lambda: True)
+    monkeypatch.setattr(runtime_mod, "cpu_has_amx", lambda: True)
+    monkeypatch.setattr(runtime_mod, "cxx_compiler_available", lambda: True)
     _, ref, _ = run(tiny_config(train={"precision": "fp32"}), mnist5k, tmp_path / "fp32")
     tr, auto, _ = run(tiny_config(train={"compile": "auto"}), mnist5k, tmp_path / "auto")
     assert tr.compiled and tr.net is not tr.model and tr.amp_dtype is torch.bfloat16 and not tr.model.channels_last
@@ -160,7 +161,7 @@ def test_channels_last_training_matches_contiguous_and_resumes_across_layouts(mn
     assert all(v.stride() == p.stride() for p, st in other.optimizer.state.items() for k, v in st.items() if k != "step")
     c = [r["loss"] for r in mixed.history.train]
     assert c[:10] == a[:10] and max(abs(x - y) for x, y in zip(a, c)) < 1e-4
-    with pytest.raises(ConfigError, match="train.memory_format must be auto, channels_last or contiguous, got 'nhwc'"):
+    with pytest.raises(ConfigError, match="train.memory_format must be one of auto, channels_last, contiguous, got 'nhwc'"):
         tiny_config(train={"memory_format": "nhwc"})
 
 
@@ -206,7 +207,7 @@ def test_compile_mode_is_passed_to_torch_compile(mnist5k, tmp_path, monkeypatch)
     cpp-wrapper: inductor's cpp_wrapper option); compiling itself is lazy and is not run here (the
     compiled paths are trained above and, on CUDA, below). Muon's step is not compiled on CPU."""
     seen, functions = [], []  # the network's compile calls; other functions' (Muon's step)
-    monkeypatch.setattr(trainer_mod.torch, "compile",
+    monkeypatch.setattr(runtime_mod.torch, "compile",
                         lambda fn, **kwargs: (seen if isinstance(fn, torch.nn.Module) else functions).append(kwargs) or fn)
     settings = ("auto", "default", "cpp-wrapper", "reduce-overhead", "max-autotune")
     modes = [Trainer(tiny_config(train={"compile": True, "compile_mode": mode}), *splits(mnist5k), INFO, tmp_path / mode,
@@ -238,14 +239,15 @@ def test_sampling_precision_resolves_and_bf16_draws_what_fp32_draws(mnist5k, tmp
     trains in bf16), in float32 elsewhere; fp32/bf16 force it. The network's forward passes run in
     bf16 (NCHW), the solver in float32, and the digits come out as float32 draws do, to bf16's
     rounding (a tiny trained model, a few solver steps)."""
-    from stages.sample import draw_configured
+    from diffusion_core.config import sampling_kwargs
+    from diffusion_core.pipeline import DiffusionPipeline
 
     cpu = torch.device("cpu")
     for amx in (True, False):
-        monkeypatch.setattr(trainer_mod, "cpu_has_amx", lambda amx=amx: amx)
+        monkeypatch.setattr(runtime_mod, "cpu_has_amx", lambda amx=amx: amx)
         assert sampling_dtype("auto", cpu) is (torch.bfloat16 if amx else None)
         assert sampling_dtype("fp32", cpu) is None and sampling_dtype("bf16", cpu) is torch.bfloat16
-    with pytest.raises(ConfigError, match="sample.precision must be auto, fp32 or bf16, got 'fp16'"):
+    with pytest.raises(ConfigError, match="sample.precision must be one of auto, fp32, bf16, got 'fp16'"):
         tiny_config(sample={"precision": "fp16"})
 
     tr, _, _ = run(tiny_config(train={"precision": "fp32"}), mnist5k, tmp_path / "fp32")
@@ -258,7 +260,7 @@ def test_sampling_precision_resolves_and_bf16_draws_what_fp32_draws(mnist5k, tmp
     for precision in ("fp32", "bf16"):
         s = tiny_config(sample={"precision": precision, "steps": 5, "guidance_scale": 1.0}).sample
         dtypes.clear()
-        draws[precision] = draw_configured(model, tr.diffusion, labels, s, 10, (1, 28, 28), progress=False)
+        draws[precision] = DiffusionPipeline(model, tr.diffusion, (1, 28, 28))(labels, **sampling_kwargs(s), seed=10)
         assert set(dtypes) == {torch.float32 if precision == "fp32" else torch.bfloat16}
         assert model.channels_last is (precision == "fp32")  # the layout measured fastest for each on CPU
         assert draws[precision].dtype == torch.float32 and torch.isfinite(draws[precision]).all()

@@ -15,13 +15,9 @@ BASE = yaml.safe_load((REPO / "params.yaml").read_text())
 
 
 def params_with(tmp_path, dotted=None, value=None, raw=None):
-    data = yaml.safe_load(yaml.safe_dump(BASE))
-    if dotted:
-        node = data
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    from diffusion_core.config import apply_overrides
+
+    data = apply_overrides(yaml.safe_load(yaml.safe_dump(BASE)), {dotted: value} if dotted else None)
     path = tmp_path / "params.yaml"
     path.write_text(raw if raw is not None else yaml.safe_dump(data))
     return path

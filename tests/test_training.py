@@ -67,7 +67,7 @@ def test_a_train_step_reads_nothing_back_from_the_device_and_fit_reads_losses_in
     A step reads none: the loss stays on the device, the EMA's count is the trainer's step. fit()
     reads the losses every LOSS_READ_EVERY steps and before checkpoints; the records are complete,
     in order, and carry the learning rate each step used."""
-    from diffusion_core.trainer import lr_lambda
+    from diffusion_core.optim import lr_lambda
 
     cfg = tiny_config(train={"epochs": 2, "warmup_steps": 5, "checkpoint_every": 1000})
     train, val = small(mnist5k, n_train=16 * 30)  # 30 steps per epoch

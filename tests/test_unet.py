@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from diffusion_core.unet import SelfAttention, UNet, count_parameters, use_channels_last
+from diffusion_core.runtime import use_channels_last
+from diffusion_core.unet import SelfAttention, UNet, count_parameters
 
 
 @pytest.mark.parametrize("channels,size,mult,attn,patch", [
@@ -135,7 +136,7 @@ def test_scale_shift_scales_the_normalised_features():
     h = block.norm2(block.conv1(torch.nn.functional.silu(block.norm1(x))))
     expected = torch.nn.functional.silu(h * (1 + scale[:, :, None, None]) + shift[:, :, None, None])
     torch.testing.assert_close(seen[0], expected)
-    with pytest.raises(ValueError, match="model.conditioning"):
+    with pytest.raises(ValueError, match="conditioning must be one of"):
         ResBlock(8, 8, 16, 4, 0.0, "film")
 
 

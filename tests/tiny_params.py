@@ -30,18 +30,18 @@ TINY_OVERRIDES = {
 def write_tiny_params(src, dst) -> None:
     import yaml
 
-    raw = yaml.safe_load(open(src))
-    for dotted, value in TINY_OVERRIDES.items():
-        group, key = dotted.split(".")
-        raw[group][key] = value
+    from diffusion_core.config import apply_overrides
+
+    raw = apply_overrides(yaml.safe_load(open(src)), TINY_OVERRIDES)
     with open(dst, "w") as f:
         yaml.safe_dump(raw, f, sort_keys=False)
 
 
 def copy_project(dst, overrides: dict | None = None) -> dict:
-    """Copy params.yaml, stages/ and diffusion_core/ to ``dst`` with the tiny params (plus
-    ``overrides``, dotted keys); return an environment that runs the stages there, with the local
-    mlflow.db of ``dst`` (MLFLOW_TRACKING_URI removed)."""
+    """Copy params.yaml, dvc.yaml (the stage -> params map that MLflow logging reads), stages/ and
+    diffusion_core/ to ``dst`` with the tiny params (plus ``overrides``, dotted keys); return an
+    environment that runs the stages there, with the local mlflow.db of ``dst``
+    (MLFLOW_TRACKING_URI removed)."""
     import os
     import shutil
     from pathlib import Path
@@ -49,16 +49,15 @@ def copy_project(dst, overrides: dict | None = None) -> dict:
     import yaml
 
     repo, dst = Path(__file__).resolve().parents[1], Path(dst)
-    files = ["params.yaml", *(p.relative_to(repo) for d in ("stages", "diffusion_core") for p in (repo / d).glob("*.py"))]
+    files = ["params.yaml", "dvc.yaml", *(p.relative_to(repo) for d in ("stages", "diffusion_core") for p in (repo / d).glob("*.py"))]
     for f in files:
         (dst / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(repo / f, dst / f)
     write_tiny_params(repo / "params.yaml", dst / "params.yaml")
     if overrides:
-        raw = yaml.safe_load(open(dst / "params.yaml"))
-        for dotted, value in overrides.items():
-            group, key = dotted.split(".")
-            raw[group][key] = value
+        from diffusion_core.config import apply_overrides
+
+        raw = apply_overrides(yaml.safe_load(open(dst / "params.yaml")), overrides)
         with open(dst / "params.yaml", "w") as f:
             yaml.safe_dump(raw, f, sort_keys=False)
     env = {**os.environ, "PYTHONPATH": str(dst)}
