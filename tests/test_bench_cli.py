@@ -94,3 +94,16 @@ def test_vs_diffusers_refuses_bad_arguments_before_training(argv, message, monke
     with pytest.raises(SystemExit):
         vs_diffusers.main(argv)
     assert message in capsys.readouterr().err
+
+
+def test_same_outputs_refuses_an_unknown_revision_and_masks_only_what_differs_between_runs(monkeypatch):
+    from bench import same_outputs
+
+    monkeypatch.setattr(same_outputs, "run_stages", lambda root: pytest.fail("a stage ran"))
+    monkeypatch.setattr("sys.argv", ["same_outputs.py", "--base", "no-such-rev"])
+    with pytest.raises(SystemExit, match="--base: 'no-such-rev' is not a git revision"):
+        same_outputs.main()
+    a = "| MLflow run | `" + "a" * 32 + "` |\n| training | 3750 steps in 118 s |\n| accuracy | 97.6% |"
+    b = "| MLflow run | `" + "b" * 32 + "` |\n| training | 3750 steps in 97 s |\n| accuracy | 97.6% |"
+    assert same_outputs.masked(a) == same_outputs.masked(b)
+    assert same_outputs.masked(a) != same_outputs.masked(a.replace("97.6%", "97.5%"))
