@@ -2,6 +2,9 @@
 
 Modules, one concept each (docs/design.md shows how the stages use them):
     config       the typed configuration of params.yaml, validated once; builds the network and the process
+    config_doc   docs/configuration.md, generated from the config's declarations
+    errors       the errors a user can cause, each reported as one line
+    budget       the memory and disk a stage's requested work needs, checked before it starts
     data         datasets as in-memory tensors, deterministic splits, prepared-data files
     schedule     beta schedules (linear, cosine)
     diffusion    GaussianDiffusion: the forward process, prediction targets and the training loss

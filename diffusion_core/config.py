@@ -1,17 +1,12 @@
 """One typed configuration for the whole product, read from ``params.yaml``.
 
-Every pipeline stage reads the same file through :func:`load_config`. The file is grouped by stage
-(``data``, ``model``, ``diffusion``, ``train``, ``sample``, ``clip``, ``sweep``, ``report``) plus a
-top-level ``seed``. Each key is declared once, below, with :func:`param`: its type (the annotation),
-default, meaning, and its allowed choices or range. Loading checks, once and before any expensive work:
-
-* unknown keys (typos are errors, with a suggestion),
-* types (``train.lr: "fast"`` is an error; ints are accepted where floats are expected),
-* every key's choices or range, from its declaration (``train.lr must be > 0, got -1``),
-* the rules that tie keys together (:func:`validate`: ``sample.steps <= diffusion.timesteps`` ...).
-
-Each problem is a :class:`ConfigError` with a one-line message that names the key.
-docs/configuration.md is generated from these declarations (:mod:`diffusion_core.config_doc`).
+Every stage reads the same file through :func:`load_config`, grouped by stage (``data``, ``model``,
+``diffusion``, ``train``, ``sample``, ``clip``, ``sweep``, ``report``) plus a top-level ``seed``. Each
+key is declared once, below, with :func:`param`: its type, default, meaning, and allowed values.
+Loading checks, once and before any expensive work: unknown keys (with a suggestion), types (ints
+are accepted where floats are expected), every key against its declaration, and the rules that tie
+keys together (:func:`validate`). Each problem is a :class:`ConfigError` whose one-line message
+names the key. docs/configuration.md is generated from the declarations (:mod:`~diffusion_core.config_doc`).
 
 This module also builds the network and the diffusion process from their groups
 (:func:`build_unet`, :func:`build_diffusion`): those classes take plain arguments and know nothing
@@ -49,19 +44,25 @@ COMPILE_MODES = ("auto", "default", "cpp-wrapper", "reduce-overhead", "max-autot
 TRAINING_GROUPS = ("seed", "data", "model", "diffusion", "train")
 
 
-def param(default: Any, help: str, *, choices: tuple | None = None, rule: str | None = None) -> Any:
+# Every integer key fits in 32 bits (torch and numpy take counts, sizes and seeds as such).
+INT_MAX = 2**31 - 1
+
+
+def param(default: Any, help: str, *, choices: tuple | None = None, rule: str | None = None,
+          min_items: int = 0, unique: bool = False) -> Any:
     """A config field: its default, what it means (``help``), and its allowed values: ``choices``,
     or a numeric ``rule`` (``"> 0"``, ``">= 0"``, or an interval such as ``"[0, 1)"``), which applies
-    to each item of a list. Rules that tie several keys together live in :func:`validate`."""
-    meta = {"help": help, "choices": choices, "rule": rule}
+    to each item of a list; a list needs ``min_items`` items and, with ``unique``, no repeats.
+    Every key also obeys the rules of its type (:func:`_check_declared`): strings are not empty,
+    floats are finite, integers are at most :data:`INT_MAX`. Rules that tie several keys together
+    live in :func:`validate`."""
+    meta = {"help": help, "choices": choices, "rule": rule, "min_items": min_items, "unique": unique}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
-# ---------------------------------------------------------------------------------------------
-# The groups
-# ---------------------------------------------------------------------------------------------
+# -- The groups
 
 
 @dataclass
@@ -79,10 +80,10 @@ class DataConfig:
 class ModelConfig:
     base_channels: int = param(32, "width of the U-Net's first level", rule="> 0")
     channel_mult: list[int] = param([1, 1], "width of each level as a multiple of base_channels; "
-                                    "each level after the first halves the feature maps", rule="> 0")
+                                    "each level after the first halves the feature maps", rule="> 0", min_items=1)
     num_res_blocks: int = param(1, "residual blocks per level", rule="> 0")
     attention_resolutions: list[int] = param([], "feature-map sizes whose blocks get self-attention, besides the "
-                                             "middle block (which always has it)", rule="> 0")
+                                             "middle block (which always has it)", rule="> 0", unique=True)
     num_heads: int = param(4, "attention heads (must divide every width)", rule="> 0")
     time_embed_mult: int = param(4, "time + class embedding width as a multiple of base_channels", rule="> 0")
     dropout: float = param(0.0, "dropout inside the residual blocks", rule="[0, 1)")
@@ -168,7 +169,8 @@ class SampleConfig:
 @dataclass
 class ClipConfig:
     models: list[str] = param(["digit-clip"], "judges: digit-clip (alias dataset-clip: the CLIP trained on this dataset "
-                              "by train_clip), ARCH:PRETRAINED_TAG (open_clip hub) or ARCH:/path/to/weights")
+                              "by train_clip), ARCH:PRETRAINED_TAG (open_clip hub) or ARCH:/path/to/weights",
+                              min_items=1, unique=True)
     batch_size: int = param(256, "images per judge forward pass", rule="> 0")
     real_per_class: int = param(100, "real held-out images per class judged as the ceiling", rule="> 0")
     digit_clip_epochs: int = param(12, "digit-clip's training epochs", rule="> 0")
@@ -187,9 +189,9 @@ class ClipConfig:
 @dataclass
 class SweepConfig:
     guidance_scales: list[float] = param([0.0, 0.6, 2.0, 4.0], "guidance scales swept with the sample group's sampler",
-                                         rule=">= 0")
+                                         rule=">= 0", unique=True)
     samplers: list[str] = param(["ddim:10", "ddim:20", "dpm++2m:10", "dpm++2m:20"],
-                                "SAMPLER:STEPS entries swept at sample.guidance_scale")
+                                "SAMPLER:STEPS entries swept at sample.guidance_scale", unique=True)
     per_class: int = param(10, "images per class for each swept setting", rule="> 0")
 
 
@@ -237,9 +239,7 @@ def declared_fields(cls: type = Config, prefix: str = "") -> list[tuple[str, Any
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# Parsing
-# ---------------------------------------------------------------------------------------------
+# -- Parsing
 
 
 def type_name(tp: Any) -> str:
@@ -318,9 +318,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
-# ---------------------------------------------------------------------------------------------
-# Validation: each key by its declaration, then the rules that tie keys together
-# ---------------------------------------------------------------------------------------------
+# -- Validation: each key by its declaration, then the rules that tie keys together
 
 
 def yaml_value(value: Any) -> str:
@@ -328,14 +326,26 @@ def yaml_value(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
 
 
-def allowed(f: dataclasses.Field) -> str:
-    """A field's allowed values in words: ``one of a, b``, ``> 0``, ``in [0, 1)``, or empty."""
+def value_rule(f: dataclasses.Field) -> str:
+    """A field's choices or numeric rule in words: ``one of a, b``, ``> 0``, ``in [0, 1)``, or empty."""
     if f.metadata.get("choices"):
         return "one of " + ", ".join(yaml_value(c) for c in f.metadata["choices"])
     rule = f.metadata.get("rule")
     if not rule:
         return ""
     return rule if rule[0] in "<>" else f"in {rule}"
+
+
+def allowed(f: dataclasses.Field, tp: Any = None) -> str:
+    """What a field allows besides its type's own rules, in words, as docs/configuration.md states it."""
+    parts = [value_rule(f)] if value_rule(f) else []
+    if typing.get_origin(tp) is list and parts:
+        parts = [f"each {parts[0]}"]
+    if f.metadata.get("min_items"):
+        parts.append("not empty")
+    if f.metadata.get("unique"):
+        parts.append("no repeats")
+    return "; ".join(dict.fromkeys(parts))
 
 
 def rule_holds(rule: str, v: float) -> bool:
@@ -349,17 +359,26 @@ def rule_holds(rule: str, v: float) -> bool:
 
 
 def _check_declared(cfg: Config) -> None:
-    """Every key against its own choices or range (each item of a list against the rule)."""
+    """Every key against its declaration: its choices or numeric rule (each item of a list), the
+    list's length and repeats, and its type's own rules (strings not empty, integers <= INT_MAX)."""
     flat = cfg.flat()
     for key, _, f in declared_fields():
         value, choices, rule = flat[key], f.metadata.get("choices"), f.metadata.get("rule")
         if choices and not any(value == c and type(value) is type(c) for c in choices):
-            raise ConfigError(f"{key} must be {allowed(f)}, got {value!r}" if isinstance(value, str) else f"{key} must be {allowed(f)}, got {yaml_value(value)}")
-        if rule:
-            items = enumerate(value) if isinstance(value, list) else [(None, value)]
-            for i, v in items:
-                if not rule_holds(rule, v):
-                    raise ConfigError(f"{key if i is None else f'{key}[{i}]'} must be {allowed(f)}, got {v}")
+            raise ConfigError(f"{key} must be {value_rule(f)}, got {value!r}" if isinstance(value, str) else f"{key} must be {value_rule(f)}, got {yaml_value(value)}")
+        items = list(enumerate(value)) if isinstance(value, list) else [(None, value)]
+        for i, v in items:
+            name = key if i is None else f"{key}[{i}]"
+            if isinstance(v, str) and not choices and not v.strip():
+                raise ConfigError(f"{name} must not be empty, got {v!r}")
+            if isinstance(v, int) and not isinstance(v, bool) and v > INT_MAX:
+                raise ConfigError(f"{name} must be at most {INT_MAX}, got {v}")
+            if rule and not rule_holds(rule, v):
+                raise ConfigError(f"{name} must be {value_rule(f)}, got {v}")
+        if isinstance(value, list) and len(value) < f.metadata.get("min_items", 0):
+            raise ConfigError(f"{key} must not be empty")
+        if f.metadata.get("unique") and len(set(map(repr, value))) < len(value):
+            raise ConfigError(f"{key} must not repeat an item, got {yaml_value(value)}")
 
 
 def _check(cond: bool, message: str) -> None:
@@ -370,7 +389,6 @@ def _check(cond: bool, message: str) -> None:
 def _check_data_and_model(cfg: Config) -> None:
     d, m = cfg.data, cfg.model
     _check(d.val_fraction + d.test_fraction < 1, "data.val_fraction + data.test_fraction must be < 1")
-    _check(len(m.channel_mult) > 0, "model.channel_mult must not be empty")
     for mult in m.channel_mult:
         ch = m.base_channels * mult
         _check(ch % m.norm_groups == 0, f"model.norm_groups ({m.norm_groups}) must divide every width, {ch} is not divisible")
@@ -408,7 +426,6 @@ def _check_sampling(cfg: Config) -> None:
 
 def _check_clip(cfg: Config) -> None:
     c, image_size = cfg.clip, DATASETS[cfg.data.source].size
-    _check(len(c.models) > 0, "clip.models must list at least one model")
     for i, entry in enumerate(c.models):
         _check(entry in ("digit-clip", "dataset-clip") or (":" in entry and all(entry.split(":", 1))),
                f"clip.models[{i}] must be 'digit-clip' (alias 'dataset-clip'), 'ARCH:PRETRAINED_TAG' or 'ARCH:/path/to/weights', got {entry!r}")
@@ -425,9 +442,7 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-# ---------------------------------------------------------------------------------------------
-# Loading
-# ---------------------------------------------------------------------------------------------
+# -- Loading
 
 
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
@@ -465,9 +480,7 @@ def load_config(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
         raise ConfigError(f"{path}: {exc}") from None
 
 
-# ---------------------------------------------------------------------------------------------
-# Building the network and the diffusion process
-# ---------------------------------------------------------------------------------------------
+# -- Building the network and the diffusion process
 
 
 def build_unet(model: ModelConfig, in_channels: int, image_size: int, num_classes: int) -> UNet:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import typer
 
-from diffusion_core import tracking
+from diffusion_core import budget, tracking
 from diffusion_core.config import ConfigError, load_config, sampling_kwargs
 from diffusion_core.data import DATASETS, to_uint8
 from diffusion_core.images import save_grid
@@ -154,8 +154,11 @@ def main(
         if count <= 0:
             raise ConfigError(f"--count must be > 0, got {count}")
         pipe = DiffusionPipeline.from_pretrained(model_path, device)
+        budget.check([budget.drawn_images("--count", count, count, pipe.image_shape)], (out or Path(".")).parent)
         draw_on_request(cfg, pipe, resolve_class(pipe.class_names, klass, digit), count, seed, out)
         return
+    spec = DATASETS[cfg.data.source]
+    budget.check(budget.sample_needs(cfg.sample, (spec.channels, spec.size, spec.size), len(spec.class_names)), out_dir)
     pipe = DiffusionPipeline.from_pretrained(model_path, device, expect=cfg)
     with tracking.stage_run("sample", model_path.parent / "run.json", out_dir / "run.json",
                             tracking.stage_params(cfg.flat(), "sample")) as run_id:

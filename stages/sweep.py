@@ -16,9 +16,10 @@ from pathlib import Path
 import pandas as pd
 import typer
 
+from diffusion_core import budget
 from diffusion_core.clip_eval import frechet_distance, judge_images, text_embeddings
 from diffusion_core.config import load_config, sampling_kwargs
-from diffusion_core.data import dataset_prompts, load_split, take_per_class
+from diffusion_core.data import DATASETS, dataset_prompts, load_split, take_per_class
 from diffusion_core.judges import load_judge
 from diffusion_core.pipeline import DiffusionPipeline
 from diffusion_core.runtime import resolve_device
@@ -39,6 +40,12 @@ def main(
 ) -> None:
     cfg = load_config(params)
     w, s = cfg.sweep, cfg.sample
+    runs = [("guidance", s.sampler, s.steps, g) for g in w.guidance_scales]
+    runs += [("sampler", *sampler_spec(e, cfg.diffusion.timesteps), s.guidance_scale) for e in w.samplers]
+    spec = DATASETS[cfg.data.source]
+    draws = len({run[1:] for run in runs})  # each distinct (sampler, steps, w) is drawn once and kept
+    budget.check([budget.drawn_images("sweep.per_class", w.per_class, w.per_class * len(spec.class_names),
+                                      (spec.channels, spec.size, spec.size), settings=draws)], out.parent)
     device = resolve_device(cfg.train.device)
     pipe = DiffusionPipeline.from_pretrained(model_path, device, expect=cfg)
     names = pipe.class_names
@@ -48,8 +55,6 @@ def main(
     real_images, real_labels = take_per_class(load_split(data, "test"), w.per_class, len(names))
     real_emb, _, _ = judge_images(judge, real_images, real_labels, text, cfg.clip.batch_size)
     labels = class_labels(len(names), w.per_class)
-    runs = [("guidance", s.sampler, s.steps, g) for g in w.guidance_scales]
-    runs += [("sampler", *sampler_spec(e, cfg.diffusion.timesteps), s.guidance_scale) for e in w.samplers]
     rows, drawn = [], {}
     for kind, sampler, steps, g in runs:
         if (sampler, steps, g) not in drawn:  # the default sampler at the default w is in both sweeps: draw it once

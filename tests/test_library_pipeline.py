@@ -81,7 +81,8 @@ def other_value(key: str, value, f: dataclasses.Field):
         return [value / 2, value + 0.1, 1.0, 0.3]
     if isinstance(value, list):
         numeric = bool(value) and isinstance(value[0], (int, float))
-        return [value[:-1], value + value[-1:], [v / 2 for v in value] if numeric else value[::-1], [v + 1 for v in value] if numeric else []]
+        return [value[:-1], value + value[-1:], [v / 2 for v in value] if numeric else value[::-1], [v + 1 for v in value] if numeric else [],
+                value + ["dataset-clip"]]
     return [value + "x", "dataset-clip"]
 
 
