@@ -173,12 +173,18 @@ def test_digit_clip_trains_saves_and_loads_on_a_tiny_budget(mnist5k, tmp_path):
     from diffusion_core.clip_eval import text_embeddings
     from diffusion_core.digit_clip import load_digit_clip, save_digit_clip, train_digit_clip
 
-    train = {k: v[:256] for k, v in mnist5k["train"].items()}
-    model, tok, pre, arch, seconds = train_digit_clip(train, DIGIT_NAMES, 2, 32, 2e-3, 32, 1, 16, seed=0, progress=False)
-    save_digit_clip(tmp_path / "dc.pt", model, arch, pre, DIGIT_NAMES, {"steps": 16})
+    from diffusion_core.clip_eval import cosines, zero_shot
+
+    train = {k: v[:2048] for k, v in mnist5k["train"].items()}  # 256 steps, about 2 s
+    model, tok, pre, arch, seconds = train_digit_clip(train, DIGIT_NAMES, 4, 32, 2e-3, 32, 1, 16, seed=0, progress=False)
+    save_digit_clip(tmp_path / "dc.pt", model, arch, pre, DIGIT_NAMES, {"steps": 256})
     judge = load_judge("digit-clip", "cpu", tmp_path / "dc.pt")
     text = text_embeddings(judge, DIGIT_NAMES)
     assert text.shape == (10, 8, 16)
+    # it learned: zero-shot accuracy on 200 real test digits well above chance (10%); seeds 0-2 gave 79-92%
+    test = mnist5k["test"]
+    pred = zero_shot(cosines(judge.encode_images(test["images"][:200]), text))
+    assert (pred == test["labels"][:200]).float().mean() > 0.5
     x = mnist5k["test"]["images"][:20]
     a = judge.encode_images(x)
     b = F.normalize(model.encode_image(to_clip_input(x, pre)), dim=-1)

@@ -399,7 +399,6 @@ def test_dataset_clip_trains_on_cifar_captions_in_colour(cifar_root, tmp_path):
     assert obj["class_names"] == CIFAR10_NAMES and obj["templates"] == list(CIFAR_TEMPLATES)
     assert obj["arch"]["vision_cfg"]["image_size"] == 32 and obj["arch"]["vision_cfg"]["patch_size"] == 4
     metrics = json.loads((tmp_path / "train_clip.json").read_text())
-    assert 0.0 <= metrics["zero_shot_accuracy_test"] <= 1.0
 
     judge = load_judge("dataset-clip", "cpu", out, expect_classes=CIFAR10_NAMES)
     text = text_embeddings(judge, CIFAR10_NAMES, CIFAR_TEMPLATES)
@@ -408,5 +407,10 @@ def test_dataset_clip_trains_on_cifar_captions_in_colour(cifar_root, tmp_path):
     emb = judge.encode_images(images)
     assert emb.shape == (8, 16) and torch.allclose(emb.norm(dim=-1), torch.ones(8), atol=1e-4)
     assert zero_shot(cosines(emb, text)).shape == (8,)
+    # the stage's metric is this judge's zero-shot accuracy on the whole test split (one epoch on fake
+    # CIFAR learns little; learning itself is asserted on real digits in tests/test_clip.py)
+    test = torch.load(tmp_path / "prep" / "test.pt", weights_only=True)
+    pred = zero_shot(cosines(judge.encode_images(test["images"]), text))
+    assert metrics["zero_shot_accuracy_test"] == pytest.approx(float((pred == test["labels"]).float().mean()), abs=1e-6)
     with pytest.raises(CheckpointError, match="trained on other classes"):
         load_judge("digit-clip", "cpu", out, expect_classes=DIGIT_NAMES)  # a judge from another dataset
