@@ -72,7 +72,8 @@ def load_file(path: str | Path, kind: str) -> dict[str, Any]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - truncated zip, crafted pickle, ...
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: not a readable {kind} ({reason[:200]})") from None
+        reason = reason if len(reason) <= 200 else reason[:200].rsplit(" ", 1)[0] + " ..."
+        raise CheckpointError(f"{path}: not a readable {kind} ({reason})") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT_VERSION or "config" not in obj:
         raise CheckpointError(f"{path}: not a {kind} written by this version of diffusion_core")
     return obj

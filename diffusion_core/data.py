@@ -123,11 +123,12 @@ def _load_torchvision(cls_name: str, files: str) -> Callable[[str, bool], RawDat
         try:
             train = cls(root, train=True, download=download)
             test = cls(root, train=False, download=download)
-        except RuntimeError as exc:
+        except (RuntimeError, ValueError, EOFError) as exc:  # missing, cut-short or corrupted files; a failed download
             where = files.format(root=root)
+            how = "the download failed" if download else "download is off (set data.download: true)"
             raise DataError(
-                f"data.root={root!r}: {cls_name} files missing or corrupted there and download is off "
-                f"(set data.download: true, or place the files as {where}): {exc}"
+                f"data.root={root!r}: {cls_name} files missing or corrupted there and {how}; "
+                f"or place the files as {where}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
             ) from None
         except OSError as exc:
             raise DataError(f"data.root={root!r}: could not download {cls_name} ({exc})") from None

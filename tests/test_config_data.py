@@ -146,7 +146,63 @@ def test_mnist_5k_splits_and_round_trip(mnist5k, tmp_path):
         load_split(tmp_path, "val")
 
 
+def write_fake_mnist(root) -> dict:
+    """ROOT/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte as torchvision's MNIST reads them (uncompressed
+    idx files, written by the Fashion-MNIST tests' writer); each image carries its label in pixel (0, 0) and its
+    index in pixels (27, 26) and (27, 27) (base 256), and pixel (0, 1) != (1, 0), so a shuffle, a transpose or a label mix-up shows."""
+    from test_datasets import _idx
+
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    truth = {}
+    for split, per_class, seed in (("train", 30, 1), ("t10k", 7, 2)):
+        labels = np.random.default_rng(seed).permutation(np.repeat(np.arange(10), per_class)).astype(np.uint8)
+        images = np.random.default_rng(seed + 10).integers(0, 256, (len(labels), 28, 28), dtype=np.uint8)
+        images[:, 0, 0] = labels * 20
+        images[:, 0, 1], images[:, 1, 0] = 250, 3
+        images[:, 27, 26], images[:, 27, 27] = np.divmod(np.arange(len(labels)), 256)
+        _idx(raw / f"{split}-images-idx3-ubyte", images)
+        _idx(raw / f"{split}-labels-idx1-ubyte", labels)
+        truth[split] = (images, labels)
+    return truth
+
+
+def test_mnist_through_torchvision_reads_exactly_the_idx_files(tmp_path):
+    """Runs without ../shared: fake idx files in torchvision's layout go through the real torchvision
+    MNIST loader; the images and labels come back exactly, in file order, as uint8 [N, 1, 28, 28] and int64."""
+    truth = write_fake_mnist(tmp_path / "mnist")
+    raw = DATASETS["mnist"].loader(str(tmp_path / "mnist"), False)
+    for split, images, labels in (("train", raw.train_images, raw.train_labels), ("t10k", raw.test_images, raw.test_labels)):
+        want_images, want_labels = truth[split]
+        assert images.dtype == np.uint8 and images.shape == (len(want_labels), 1, 28, 28)
+        assert labels.dtype == np.int64
+        np.testing.assert_array_equal(images[:, 0], want_images)
+        np.testing.assert_array_equal(labels, want_labels.astype(np.int64))
+    splits = build_splits("mnist", root=str(tmp_path / "mnist"), seed=0, val_fraction=0.1, download=False)
+    assert torch.equal(splits["test"]["images"][:, 0], torch.from_numpy(truth["t10k"][0]))
+    assert torch.equal(splits["test"]["labels"], torch.from_numpy(truth["t10k"][1]).long())
+    assert {k: len(v["labels"]) for k, v in splits.items()} == {"train": 270, "val": 30, "test": 70}
+    assert torch.bincount(splits["val"]["labels"]).tolist() == [3] * 10
+    train_images, kept = truth["train"][0], {}
+    for split in ("train", "val"):  # every image keeps its own label, and train and val share none
+        x, y = splits[split]["images"][:, 0].numpy(), splits[split]["labels"].numpy()
+        assert (x[:, 0, 0] == y * 20).all()
+        index = x[:, 27, 26].astype(int) * 256 + x[:, 27, 27]
+        np.testing.assert_array_equal(x, train_images[index])
+        kept[split] = set(index.tolist())
+    assert not kept["train"] & kept["val"] and len(kept["train"] | kept["val"]) == 300
+
+
+def test_a_truncated_mnist_file_is_a_clear_error(tmp_path):
+    """torchvision raises ValueError on a cut-short idx file: one line naming data.root, not a traceback."""
+    write_fake_mnist(tmp_path / "mnist")
+    (tmp_path / "mnist" / "MNIST" / "raw" / "t10k-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01")  # cut after the magic
+    with pytest.raises(DataError, match="MNIST files missing or corrupted"):
+        build_splits("mnist", root=str(tmp_path / "mnist"), download=False)
+
+
 def test_full_mnist_through_torchvision_offline(mnist_root):
+    """The real files, where ../shared holds them: the official sizes and per-class counts."""
     splits = build_splits("mnist", root=str(mnist_root), seed=0, val_fraction=0.1, download=False, limit=6000)
     assert len(splits["test"]["labels"]) == 10000
     assert abs(len(splits["val"]["labels"]) - 6000) <= 10  # 10% per class, rounded

@@ -4,10 +4,12 @@ Two processes with the global batch ``train.batch_size`` compute the same maths 
 that batch: each rank takes positions rank, rank + 2, ... of every global batch and of the noise
 drawn for it, and DDP averages the gradients. Only the order of float additions differs (per-rank
 means then the all-reduce average, instead of one mean over the batch), which is ~1e-7 relative per
-step; Adam and 20 steps amplify it a little. The tolerance ``ATOL = 1e-4`` on weights and losses is
-~1/1000 of how far training moves the weights (checked below), so a wrong shard (a rank seeing the
-wrong images or noise, gradients summed instead of averaged, a missing all-reduce) fails it by orders
-of magnitude.
+step; Adam and 20 steps amplify it a little. The tolerances (``ATOL`` on weights, ``LOSS_ATOL`` on
+losses) are 10-30x the differences measured on a 2-core x86 CPU, and ``ATOL`` is ~1/1000 of how far
+training moves the weights (checked below), so a wrong shard (a rank seeing the wrong images or
+noise, a missing all-reduce) fails them by orders of magnitude. Gradients summed instead of averaged
+are caught where they are made: the all-reduced gradients of single steps are compared at rtol 1e-5
+(``test_all_reduced_gradients_...``), since AdamW divides most of a gradient's scale out.
 """
 
 import csv
@@ -32,7 +34,13 @@ from diffusion_core.data import EpochShardSampler, epoch_permutation
 from diffusion_core.trainer import Trainer
 from tiny_params import write_tiny_params
 
-ATOL = 1e-4
+# max |weights(2 processes) - weights(1 process)|, measured: 3.8e-7 (model and EMA) after the 8 steps
+# of test_two_processes_match_one_..., 6.3e-7 after the train stage's 20 steps, 2.4e-7 for a 2-process
+# checkpoint resumed in one process (it was 1e-4 before: ~300x the differences)
+ATOL = 1e-5
+# max |loss(2 processes) - loss(1 process)| per step, measured 1.2e-7 (2 float32 ulps of a loss near 0.8)
+# in both tests; the final val loss differed by 0.0 (measured)
+LOSS_ATOL = 2e-6
 INFO = {"channels": 1, "size": 28, "class_names": list(DATASETS["mnist-5k"].class_names)}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
@@ -154,13 +162,142 @@ def test_two_processes_match_one_and_only_rank_0_writes(mnist5k, tmp_path):
     losses = [r["loss"] for r in single.fit(resume=False).history.train]
     assert len(losses) == len(ddp["loss"]) == 8
     moved = max_diff(single.model.state_dict(), init)
-    assert moved > 20 * ATOL, moved  # training moved the weights far beyond the tolerance the two runs must agree to
+    assert moved > 1000 * ATOL, moved  # training moved the weights (measured 1.7e-2) far beyond the tolerance the two runs must agree to
+    print(f"DDP worker vs single: moved {moved:.2e}, max |dw| model {max_diff(single.model.state_dict(), ddp['model']):.2e}, "
+          f"EMA {max_diff(single.ema.state_dict(), ddp['ema']):.2e}, loss {max(abs(a - b) for a, b in zip(losses, ddp['loss'])):.2e}")
     assert max_diff(single.model.state_dict(), ddp["model"]) < ATOL
     assert max_diff(single.ema.state_dict(), ddp["ema"]) < ATOL
-    assert max(abs(a - b) for a, b in zip(losses, ddp["loss"])) < ATOL
+    assert max(abs(a - b) for a, b in zip(losses, ddp["loss"])) < LOSS_ATOL
     ckpt = torch.load(tmp_path / "rank0" / "checkpoint.pt", weights_only=True)
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]["ranks"]) == 2
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
+
+
+# -- one step's gradients -----------------------------------------------------------------------
+
+# The first optimizer steps of a 2-process run: the gradients the optimizer sees (after DDP's
+# all-reduce) on every rank, at each step; once with DDP's averaging, once with a comm hook that sums
+# (the bug to catch). Three steps: the U-Net's zero-initialised output convolutions leave all
+# gradients but theirs zero at step 1 (and 85 of 129 tensors at step 2); at step 3 every one is nonzero.
+# grad_clip 0: clipping to a norm would hide a summed gradient (same direction, clipped to the same norm).
+GRAD_GROUPS = {"train": {"batch_size": 32, "cond_drop_prob": 0.3, "grad_clip": 0.0}}
+
+GRAD_WORKER = """
+import os, sys
+from pathlib import Path
+import torch
+import torch.distributed as dist
+sys.path.insert(0, {tests!r})
+from conftest import tiny_config
+from diffusion_core.data import build_splits
+from diffusion_core.trainer import Trainer
+torch.set_num_threads(1)
+splits = build_splits("mnist-5k", seed=0)
+train = {{k: v[:{n}] for k, v in splits["train"].items()}}
+val = {{k: v[:64] for k, v in splits["val"].items()}}
+rank = os.environ["RANK"]
+
+
+def summed(state, bucket):  # all-reduce without the division by the world size
+    return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda f: f.value()[0])
+
+
+grads, trainers = {{}}, []
+for reduction in ("mean", "sum"):
+    tr = Trainer(tiny_config(**{groups!r}), train, val, {info!r}, Path({base!r}) / f"{{reduction}}{{rank}}", progress=False)
+    assert tr.world == 2
+    if reduction == "sum":
+        tr.net.register_comm_hook(None, summed)
+    got = grads[reduction] = []
+    tr.optimizer.register_step_pre_hook(
+        lambda opt, args, kwargs, tr=tr, got=got: got.append({{k: p.grad.detach().clone() for k, p in tr.model.named_parameters()}}))
+    tr.fit(resume=False, stop_after={steps})
+    grads[reduction + " weights"] = {{k: v.clone() for k, v in tr.model.state_dict().items()}}
+    trainers.append(tr)
+torch.save(grads, Path({base!r}) / f"grads{{rank}}.pt")
+for tr in reversed(trainers):
+    tr.close()
+"""
+
+
+GRAD_STEPS = 3
+
+
+def single_process_grads(mnist5k, n: int, out: Path) -> list[dict]:
+    train = {k: v[:n] for k, v in mnist5k["train"].items()}
+    val = {k: v[:64] for k, v in mnist5k["val"].items()}
+    tr = Trainer(tiny_config(**GRAD_GROUPS), train, val, INFO, out, progress=False)
+    assert tr.world == 1
+    got = []
+    tr.optimizer.register_step_pre_hook(
+        lambda opt, args, kwargs: got.append({k: p.grad.detach().clone() for k, p in tr.model.named_parameters()}))
+    tr.fit(resume=False, stop_after=GRAD_STEPS)
+    assert len(got) == GRAD_STEPS
+    return got
+
+
+@pytest.fixture(scope="module")
+def step_grads(mnist5k, tmp_path_factory):
+    """The gradients of the first GRAD_STEPS steps: 2 processes (rank 0 and 1; averaged and summed) and 1 process."""
+    base = tmp_path_factory.mktemp("grads")
+    n = 64
+    script = base / "worker.py"
+    script.write_text(GRAD_WORKER.format(tests=str(REPO / "tests"), n=n, base=str(base), groups=GRAD_GROUPS, info=INFO, steps=GRAD_STEPS))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([*TORCHRUN, str(script)], cwd=base, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ranks = [torch.load(base / f"grads{r}.pt", weights_only=True) for r in range(2)]
+    return ranks, single_process_grads(mnist5k, n, base / "single")
+
+
+GRAD_RTOL = 1e-5
+
+
+def assert_grads_match(got: dict, want: dict) -> None:
+    """Every parameter's gradient within GRAD_RTOL, elementwise; elements near zero are held to
+    GRAD_RTOL times the largest gradient of their tensor (float sums in another order differ by a
+    few ulps of the summands, not of the result)."""
+    assert got.keys() == want.keys() and len(want) > 10
+    for k, w in want.items():
+        torch.testing.assert_close(got[k], w, rtol=GRAD_RTOL, atol=GRAD_RTOL * float(w.abs().max()), msg=lambda m: f"{k}: {m}")
+
+
+def grad_tolerance_used(got: dict, want: dict) -> float:
+    """The largest |got - want| / (atol + rtol |want|) of :func:`assert_grads_match` (1: at the limit)."""
+    return max(float(((got[k].double() - w.double()).abs() / (GRAD_RTOL * (w.double().abs().max() + w.double().abs()))).max())
+               for k, w in want.items() if w.abs().max() > 0)
+
+
+def grad_rel_diff(got: dict, want: dict) -> float:
+    """Max over the nonzero tensors of max |got - want| / max |want|."""
+    return max(float((got[k].double() - w.double()).abs().max() / w.double().abs().max()) for k, w in want.items() if w.abs().max() > 0)
+
+
+def test_all_reduced_gradients_of_two_processes_are_the_full_batch_gradients(step_grads):
+    (r0, r1), single = step_grads
+    assert len(r0["mean"]) == len(r1["mean"]) == len(single) == GRAD_STEPS
+    for step, (g0, g1, g) in enumerate(zip(r0["mean"], r1["mean"], single), 1):
+        for k in g0:  # the all-reduce leaves the same bits on every rank
+            assert torch.equal(g0[k], g1[k]), (step, k)
+        print(f"step {step}: 2-process vs 1-process gradients: max |dg| / max |g| {grad_rel_diff(g0, g):.2e}, "
+              f"worst element at {grad_tolerance_used(g0, g):.0%} of the tolerance")
+        assert_grads_match(g0, g)
+    assert all(float(g.abs().max()) > 0 for g in single[-1].values())  # every parameter is checked
+
+
+@pytest.mark.parametrize("how", ["summed by a comm hook", "averaged, times the world size"])
+def test_summed_gradients_fail_the_gradient_check(step_grads, how):
+    """The check above can fail: gradients summed over the 2 processes instead of averaged are
+    twice the full-batch gradients, and the check rejects them."""
+    (r0, _), single = step_grads
+    summed = r0["sum"] if how == "summed by a comm hook" else [{k: 2 * g for k, g in step.items()} for step in r0["mean"]]
+    for step in range(GRAD_STEPS):
+        with pytest.raises(AssertionError):
+            assert_grads_match(summed[step], single[step])
+    # step 1 (same weights in every run): exactly the sum, nothing else
+    assert_grads_match({k: g / 2 for k, g in summed[0].items()}, single[0])
+    if how == "summed by a comm hook":  # AdamW divides the gradients' scale out (but near its eps): the weights show little
+        print(f"after {GRAD_STEPS} steps, summed vs averaged: max |dw| {max_diff(r0['sum weights'], r0['mean weights']):.2e}")
 
 
 # -- the real train stage under torchrun ---------------------------------------------------------
@@ -223,6 +360,15 @@ def runs(tmp_path_factory):
     return dirs, out
 
 
+def init_weights(d: Path) -> dict:
+    """The train stage's initial weights (what Trainer builds before its first step) for project ``d``."""
+    from diffusion_core.checkpoint import build_model
+    from diffusion_core.config import load_config
+
+    torch.manual_seed(load_config(d / "params.yaml").seed)
+    return build_model(load_config(d / "params.yaml"), INFO)[0].state_dict()
+
+
 @pytest.mark.slow
 def test_torchrun_stage_matches_single_process_with_the_same_global_batch(runs):
     dirs, out = runs
@@ -233,16 +379,18 @@ def test_torchrun_stage_matches_single_process_with_the_same_global_batch(runs):
     cd = torch.load(d / "models/checkpoint.pt", weights_only=True)
     assert cs["step"] == cd["step"] == 20 and cd["world_size"] == 2
     print(f"DDP vs single: max |dw| model {max_diff(cs['model'], cd['model']):.2e}, EMA {max_diff(ws, wd):.2e}, "
-          f"loss {max(abs(a - b) for a, b in zip(losses(s), losses(d))):.2e}")
+          f"loss {max(abs(a - b) for a, b in zip(losses(s), losses(d))):.2e}, moved {max_diff(cs['model'], init_weights(s)):.2e}")
+    assert max_diff(cs["model"], init_weights(s)) > 1000 * ATOL  # training moved the weights (measured 3.0e-2)
     assert max_diff(cs["model"], cd["model"]) < ATOL
     assert max_diff(ws, wd) < ATOL  # the EMA weights in the model file
     assert len(losses(d)) == 20
-    assert max(abs(a - b) for a, b in zip(losses(s), losses(d))) < ATOL
+    assert max(abs(a - b) for a, b in zip(losses(s), losses(d))) < LOSS_ATOL
     import json
 
     ms, md = (json.loads((x / "reports/metrics/train.json").read_text()) for x in (s, d))
     assert md["processes"] == 2 and ms["processes"] == 1 and md["precision"] == "fp32"
-    assert abs(ms["final_val_loss"] - md["final_val_loss"]) < ATOL
+    print(f"final val loss: {abs(ms['final_val_loss'] - md['final_val_loss']):.2e}")
+    assert abs(ms["final_val_loss"] - md["final_val_loss"]) < LOSS_ATOL
 
 
 @pytest.mark.slow
@@ -308,5 +456,6 @@ def test_killed_torchrun_stage_resumes_in_two_processes_and_in_one(runs, tmp_pat
     assert res1.steps == 20 and len(res1.history.train) == 20
     cd = torch.load(d / "models/checkpoint.pt", weights_only=True)
     print(f"DDP checkpoint resumed in one process vs uninterrupted DDP: max |dw| {max_diff(one.model.state_dict(), cd['model']):.2e}")
+    print(f"... EMA {max_diff(one.ema.module.state_dict(), wd):.2e}")
     assert max_diff(one.model.state_dict(), cd["model"]) < ATOL
     assert max_diff(one.ema.module.state_dict(), wd) < ATOL

@@ -267,3 +267,87 @@ def test_sampling_precision_resolves_and_bf16_draws_what_fp32_draws(mnist5k, tmp
     diff = (draws["fp32"] - draws["bf16"]).abs()
     print(f"bf16 vs fp32 draws: mean |d| {diff.mean():.4f}, max {diff.max():.3f} (images in [-1, 1])")
     assert 0 < diff.mean() < 0.005
+
+
+# -- the training step never waits for the device --------------------------------------------------------------
+# On a GPU each read back (.item(), .tolist(), .cpu(), .numpy(), bool()/float()/int()) and each op whose output
+# size depends on the data (nonzero, a boolean-mask index, masked_select, unique) waits for all queued work.
+# tests/host_sync_guard.py records those calls on a CPU run; torch's sync debug mode checks CUDA where present.
+
+SYNC_CALLS = {  # each call the guard must catch, with the name it records
+    "Tensor.item": lambda t: t[0].item(),
+    "Tensor.tolist": lambda t: t.tolist(),
+    "Tensor.cpu": lambda t: t.cpu(),
+    "Tensor.numpy": lambda t: t.numpy(),
+    "Tensor.__array__": lambda t: __import__("numpy").asarray(t),
+    "Tensor.__bool__": lambda t: bool(t[0] > 0),
+    "Tensor.__float__": lambda t: float(t[0]),
+    "Tensor.__int__": lambda t: int(t[0]),
+    "Tensor.__index__": lambda t: [0, 1, 2][t.long()[0]],
+    "Tensor.nonzero": lambda t: t.nonzero(),
+    "torch.nonzero": lambda t: torch.nonzero(t),
+    "torch.argwhere": lambda t: torch.argwhere(t),
+    "torch.where(cond)": lambda t: torch.where(t > 0),
+    "Tensor.__getitem__[bool mask]": lambda t: t[t > 0],
+    "Tensor.__setitem__[bool mask]": lambda t: t.clone().__setitem__(t > 0, 0.0),
+    "Tensor.masked_select": lambda t: t.masked_select(t > 0),
+    "torch.masked_select": lambda t: torch.masked_select(t, t > 0),
+    "Tensor.unique": lambda t: t.unique(),
+    "torch.unique": lambda t: torch.unique(t),
+}
+
+
+@pytest.mark.parametrize("name", list(SYNC_CALLS))
+def test_the_host_sync_guard_catches_each_read(name):
+    """The guard itself can fail: each call is recorded by name, once the guard is on and never after."""
+    from host_sync_guard import host_reads
+
+    t = torch.randn(8)
+    with host_reads() as reads:
+        SYNC_CALLS[name](t)
+    assert reads[:1] == [name], reads  # (a call may go on to make others: np.asarray(t) reads t.numpy())
+    seen = list(reads)
+    SYNC_CALLS[name](t)
+    assert reads == seen  # restored: nothing recorded after the block
+
+
+def test_the_host_sync_guard_lets_device_side_work_through():
+    """What a step may do (no wait on a GPU): slices, integer and integer-tensor indexing, three-argument where,
+    reductions that stay tensors, .to() and elementwise masks used arithmetically."""
+    from host_sync_guard import host_reads
+
+    t, idx = torch.randn(4, 8), torch.tensor([0, 2])
+    with host_reads() as reads:
+        t[1:3], t[0], t[idx], t[:, idx], t[..., 0]
+        torch.where(t > 0, t, torch.zeros_like(t)), t.sum(), (t > 0).float().mean(), t.to(torch.float64)
+        t.clone()[idx] = 0.0
+        t * (t > 0)
+    assert reads == []
+
+
+@pytest.mark.parametrize("train", [
+    {},  # CPU auto: float32, channels-last, fused AdamW
+    {"precision": "bf16"},
+    {"optimizer": "muon"},
+    {"memory_format": "contiguous", "grad_clip": 0.0},
+])
+def test_a_train_step_never_reads_back_from_the_device(mnist5k, tmp_path, train):
+    """With the product's diffusion settings (v-prediction, logit-normal t, label dropout, gradient clipping) under
+    each precision, layout and optimizer: three steps make no call that would make the host wait for a GPU."""
+    from diffusion_core.config import load_config
+    from host_sync_guard import host_reads
+    from tiny_params import TINY_OVERRIDES
+
+    from conftest import REPO
+
+    cfg = load_config(REPO / "params.yaml", {**TINY_OVERRIDES, "train.device": "cpu", "train.cond_drop_prob": 0.2,
+                                             **{f"train.{k}": v for k, v in train.items()}})
+    assert cfg.diffusion.prediction == "v" and cfg.diffusion.t_sampling == "logit_normal"
+    tr = Trainer(cfg, *splits(mnist5k), INFO, tmp_path, progress=False)
+    x, y = tr.x_train[:16], tr.y_train[:16]
+    tr._train_step(x, y)  # the first step (the EMA's copy)
+    with host_reads() as reads:
+        losses = [tr._train_step(x, y) for _ in range(3)]
+    assert reads == []
+    assert all(torch.is_tensor(v) and v.dim() == 0 for v in losses) and tr.step == 4
+    assert torch.isfinite(torch.stack(losses)).all()

@@ -4,10 +4,12 @@ The server is the real `mlflow server` on 127.0.0.1 (SQLite backend in a temp di
 as subprocesses in temporary copies of the project with tiny params, exactly as `dvc repro` runs them.
 """
 
+import csv
 import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -31,8 +33,8 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, root: Path) -> None:
-        self.port = free_port()
+    def __init__(self, root: Path, port: int | None = None) -> None:
+        self.port = port or free_port()  # a port given: a restart where a killed server listened
         self.uri = f"http://127.0.0.1:{self.port}"
         root.mkdir(parents=True, exist_ok=True)
         cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
@@ -40,7 +42,7 @@ class Server:
                "--artifacts-destination", (root / "artifacts").as_uri()]
         # no background job workers (7 extra processes in MLflow 3): the tracking API is what is tested
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        self.proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "w"),
+        self.proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "a"),
                                      start_new_session=True, env=env)
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -64,8 +66,8 @@ class Server:
 def server(tmp_path):
     servers = []
 
-    def start(name: str = "server") -> Server:
-        servers.append(Server(tmp_path / name))
+    def start(name: str = "server", port: int | None = None) -> Server:
+        servers.append(Server(tmp_path / name, port))
         return servers[-1]
 
     yield start
@@ -161,6 +163,85 @@ def test_runs_land_on_a_real_server_and_a_server_dying_mid_run_costs_nothing(tmp
     assert res.returncode != 0 and time.time() - t0 < 60
     assert res.stderr.strip().splitlines()[-1].startswith("error: MLFLOW_TRACKING_URI=")
     assert not (b / "samples").exists()
+
+
+def checkpoint_step(path: Path) -> int:
+    try:
+        return int(torch.load(path, weights_only=True)["step"])
+    except Exception:  # noqa: BLE001 - not there yet, or being replaced
+        return -1
+
+
+def loss_points_in_db(db: Path) -> int:
+    """How many train/loss points the server has stored (read from its SQLite file, not through it)."""
+    if not db.exists():
+        return 0
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+    try:
+        return con.execute("select count(*) from metrics where key='train/loss'").fetchone()[0]
+    except sqlite3.OperationalError:  # the schema is not there yet
+        return 0
+    finally:
+        con.close()
+
+
+@pytest.mark.slow
+def test_points_unsent_while_the_server_was_down_are_resent_when_it_restarts(tmp_path, prepared, server):
+    """The server dies after epoch 1 was logged, misses at least one epoch's flush, and comes back on
+    the same database and port while training goes on: the run ends FINISHED with every loss point."""
+    srv = server("restarted")
+    d = tmp_path / "r"
+    env = project(prepared, d, srv.uri)
+    db = tmp_path / "restarted" / "server.db"
+    err_path = tmp_path / "train.err"
+    with open(err_path, "w") as err_file:
+        proc = subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=d, env=env,
+                                stdout=subprocess.DEVNULL, stderr=err_file, text=True)
+    try:
+        deadline = time.time() + 300
+        # 1. epoch 1's flush (20 steps of 80) has landed on the server: kill it
+        while loss_points_in_db(db) < 20 and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert proc.poll() is None, "training ended before the server could be killed"
+        logged_before = loss_points_in_db(db)
+        srv.kill()
+        # 2. epoch 2 ended while it was down (its checkpoint, step 40, is saved after the epoch's flush):
+        # that flush failed and its points stay in the logger's buffer
+        while checkpoint_step(d / "models" / "checkpoint.pt") < 40 and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, "training ended before the server could be restarted"
+        # 3. restart on the same database file and port. The trainer is paused while the server starts
+        # (seconds on a busy machine), so that the restart comes before the stage's last flush whatever
+        # the machine's load; it trains on (epochs 3 and 4) once the server answers.
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            assert " failed during " in err_path.read_text()  # epoch 2's flush (or epoch 1's grid upload, if the kill hit it)
+            srv2 = server("restarted", port=srv.port)
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        assert srv2.uri == srv.uri
+        proc.wait(timeout=max(10, deadline - time.time()))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = err_path.read_text()
+    assert proc.returncode == 0, err[-3000:]
+    assert err.count("warning: MLflow tracking at") == 2, err[-3000:]  # one warning, then one "answers again"
+    assert err.count(" failed during ") == 1 and err.count("answers again; logging resumed") == 1, err[-3000:]
+
+    c, r = only_run(srv2.uri)
+    assert r.info.status == "FINISHED" and r.data.tags.get("stage.train") == "done"
+    steps = json.loads((d / "reports/metrics/train.json").read_text())["steps"]
+    with open(d / "reports/plots/train_loss.csv") as f:
+        csv_points = {int(row["step"]): float(row["loss"]) for row in csv.DictReader(f)}
+    history = c.get_metric_history(r.info.run_id, "train/loss")
+    got = {m.step: m.value for m in history}
+    assert steps == 80 and len(csv_points) == steps
+    assert 20 <= logged_before < 40  # epoch 1's points were sent before the outage, epoch 2's not
+    assert len(history) == steps, f"{len(history)} loss points in MLflow, {steps} steps trained"  # none twice
+    assert got == csv_points  # every step, with the value the stage wrote for it
+    assert len(c.get_metric_history(r.info.run_id, "train/val_loss")) == 4  # one per epoch, resent too
 
 
 @pytest.mark.slow
