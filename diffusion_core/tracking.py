@@ -167,6 +167,8 @@ def setup() -> str:
             except Exception:  # noqa: BLE001 - created concurrently by another stage or process
                 pass
         mlflow.set_experiment(EXPERIMENT)
+        # MLflow 3 opens an experiment in its model-training view only with this tag (else its GenAI view)
+        mlflow.set_experiment_tag("mlflow.experimentKind", "custom_model_development")
     return uri
 
 
@@ -305,7 +307,16 @@ def _earlier(stage: str) -> set[str]:
     return set(STAGES[: STAGES.index(stage)])
 
 
-def _copy_run(client, src_id: str, stage: str) -> str:
+def run_name(flat: dict[str, Any]) -> str:
+    """A run's name in the MLflow UI: the DVC experiment's name when ``dvc exp run`` made it, else
+    what tells runs apart (data, epochs, sampler and steps, guidance) and the commit."""
+    if os.environ.get("DVC_EXP_NAME"):
+        return os.environ["DVC_EXP_NAME"]
+    return (f"{flat['data.source']} {flat['train.epochs']}ep {flat['sample.sampler']}-{flat['sample.steps']} "
+            f"w{flat['sample.guidance_scale']:g} {git_commit()[:7]}")
+
+
+def _copy_run(client, src_id: str, stage: str, name: str | None = None) -> str:
     """A new run holding what the stages before ``stage`` logged to ``src_id``.
 
     Their params (by dvc.yaml, :func:`stage_entries`), their metric histories (loss curves included) and tags are copied; the
@@ -320,7 +331,8 @@ def _copy_run(client, src_id: str, stage: str) -> str:
     tags.update(run_tags())
     tags["copied_from_run"] = src_id
     tags["model_run_id"] = src.data.tags.get("model_run_id", src_id)
-    run = client.create_run(src.info.experiment_id, tags=tags, run_name=src.info.run_name)
+    tags["opened_by_stage"] = stage
+    run = client.create_run(src.info.experiment_id, tags=tags, run_name=name or src.info.run_name)
     new_id = run.info.run_id
     entries = tuple(e for s in earlier for e in stage_entries(s))
     params = [Param(k, v) for k, v in src.data.params.items() if matches(k, entries)]
@@ -337,7 +349,8 @@ def _copy_run(client, src_id: str, stage: str) -> str:
 
 
 @contextmanager
-def stage_run(stage: str, upstream_run_file: str | Path | None, own_run_file: str | Path | None, params: dict[str, Any]) -> Iterator[str]:
+def stage_run(stage: str, upstream_run_file: str | Path | None, own_run_file: str | Path | None, params: dict[str, Any],
+              name: str | None = None) -> Iterator[str]:
     """Open the MLflow run this stage belongs to (see the module docstring); yields its id.
 
     ``params`` are this stage's own params (:func:`stage_params`); ``upstream_run_file`` None
@@ -350,7 +363,8 @@ def stage_run(stage: str, upstream_run_file: str | Path | None, own_run_file: st
     setup()
     client = MlflowClient()
     if upstream_run_file is None:
-        run = client.create_run(mlflow.get_experiment_by_name(EXPERIMENT).experiment_id, tags=run_tags())
+        run = client.create_run(mlflow.get_experiment_by_name(EXPERIMENT).experiment_id,
+                                tags={**run_tags(), "opened_by_stage": stage}, run_name=name)
         run_id = run.info.run_id
         client.set_tag(run_id, "model_run_id", run_id)
     else:
@@ -360,7 +374,7 @@ def stage_run(stage: str, upstream_run_file: str | Path | None, own_run_file: st
         except Exception as exc:  # noqa: BLE001 - mlflow raises its own exception types
             raise TrackingError(f"{upstream_run_file}: run {run_id} not found in {tracking_uri()} ({type(exc).__name__})") from None
         if _stage_done_tag(stage) in upstream.data.tags:
-            run_id = _copy_run(client, run_id, stage)
+            run_id = _copy_run(client, run_id, stage, name)
     mlflow.start_run(run_id=run_id)
     _Health.down, _Health.failures = False, 0
     try:

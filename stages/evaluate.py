@@ -148,7 +148,8 @@ def main(
     traj = load_trajectory(samples / "trajectory.npz")
     device = resolve_device(cfg.train.device)
 
-    with tracking.stage_run("evaluate", samples / "run.json", out / "run.json", tracking.stage_params(cfg.flat(), "evaluate")) as run_id:
+    with tracking.stage_run("evaluate", samples / "run.json", out / "run.json", tracking.stage_params(cfg.flat(), "evaluate"),
+                            tracking.run_name(cfg.flat())) as run_id:
         summary = {}
         for entry in c.models:
             judge = load_judge(entry, device, digit_clip, expect_classes=prompt_names)

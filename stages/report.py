@@ -399,6 +399,16 @@ def runs_index(path: Path) -> pd.DataFrame:
     return out
 
 
+def run_description(stats: dict, m_train: dict, m_sample: dict, judge: str, head: dict) -> str:
+    """The run's description in the MLflow UI: what it is, and its headline numbers, in two lines."""
+    what = (f"{stats['source']}, {m_train['steps']} steps ({m_train['epochs']} epochs); {m_sample['sampler']} "
+            f"{m_sample['steps']} steps at w={m_sample['guidance_scale']:g}")
+    numbers = (f"{judge}: {head['accuracy_generated']:.1%} generated vs {head['accuracy_real']:.1%} real, hardest "
+               f"{head['worst_class']} {head['worst_class_accuracy']:.1%}; FD {head['frechet_distance']:.4g} "
+               f"(real vs real {head['frechet_distance_real_reference']:.4g})")
+    return f"{what}\n{numbers}"
+
+
 @app.command()
 @one_line_errors
 def main(
@@ -420,7 +430,8 @@ def main(
     sweep = read_csv_if(Path("sweep/results.csv"))
     judge, eval_dir, T = cfg.clip.models[0], Path("evaluation"), diffusion.timesteps
 
-    with tracking.stage_run("report", Path("evaluation/run.json"), None, tracking.stage_params(cfg.flat(), "report")) as run_id:
+    with tracking.stage_run("report", Path("evaluation/run.json"), None, tracking.stage_params(cfg.flat(), "report"),
+                            tracking.run_name(cfg.flat())) as run_id:
         head = m_eval[slug(judge)]  # the first judge's metrics: the headline numbers
         md = section_title(title, run_id)
         md += section_summary(stats, mcfg, count_parameters(model), m_train, m_sample, judge, head, run_id,
@@ -445,6 +456,7 @@ def main(
         tracking.safe.log_artifact(str(report_path), "report")
         tracking.safe.log_artifacts(str(fig_dir), "report/figures")
         tracking.safe.log_artifact(str(out / "runs.md"), "report")
+        tracking.safe.set_tag("mlflow.note.content", run_description(stats, m_train, m_sample, judge, head))
         typer.echo(f"wrote {report_path} and {out / 'runs.md'}; MLflow run {run_id}")
 
 

@@ -161,7 +161,7 @@ def main(
     budget.check(budget.sample_needs(cfg.sample, (spec.channels, spec.size, spec.size), len(spec.class_names)), out_dir)
     pipe = DiffusionPipeline.from_pretrained(model_path, device, expect=cfg)
     with tracking.stage_run("sample", model_path.parent / "run.json", out_dir / "run.json",
-                            tracking.stage_params(cfg.flat(), "sample")) as run_id:
+                            tracking.stage_params(cfg.flat(), "sample"), tracking.run_name(cfg.flat())) as run_id:
         draw_pipeline_samples(cfg, pipe, out_dir, metrics, device)
         typer.echo(f"MLflow run {run_id}")
 

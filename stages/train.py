@@ -121,7 +121,7 @@ def main(
 def train_and_log(cfg, trainer: Trainer, stats: dict, resume: bool, out: Path, metrics: Path, plots: Path) -> None:
     """Rank 0 (or the only process): train inside the MLflow run and write every output."""
     flat = cfg.flat()
-    with tracking.stage_run("train", None, out / "run.json", tracking.stage_params(flat, "train")) as run_id:
+    with tracking.stage_run("train", None, out / "run.json", tracking.stage_params(flat, "train"), tracking.run_name(flat)) as run_id:
         logger = MlflowLogger()
         trainer.on_step, trainer.on_epoch = logger.on_step, logger.on_epoch
         tracking.safe.set_tag("data.source", cfg.data.source)

@@ -112,6 +112,14 @@ def test_repro_produces_every_out_and_one_mlflow_run(repo):
         assert n_loss == 20  # one point per step
         tags = dict(con.execute("select key, value from tags where run_uuid=?", (run_id,)).fetchall())
         assert tags["stage.report"] == "done" and len(tags["git_commit"]) == 40
+        # told apart at a glance in the MLflow UI: a name, a two-line description, the model-training view
+        name = con.execute("select name from runs where run_uuid=?", (run_id,)).fetchone()[0]
+        assert name == f"mnist-5k 2ep {sampler}-5 w1 {tags['git_commit'][:7]}", name
+        what, numbers = tags["mlflow.note.content"].splitlines()
+        assert what.startswith("mnist-5k, 20 steps (2 epochs);") and numbers.startswith("digit-clip: ") and "FD" in numbers
+        assert tags["opened_by_stage"] == "train"
+        kind = con.execute("select value from experiment_tags where key='mlflow.experimentKind'").fetchone()
+        assert kind == ("custom_model_development",)
         assert tags["git_uncommitted_code"] == "none"  # the copy's code is committed
     finally:
         con.close()
