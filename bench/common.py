@@ -7,6 +7,7 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
@@ -107,3 +108,9 @@ def md_table(rows: list[dict]) -> str:
     out = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     out += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
     return "\n".join(out)
+
+
+def git_snapshot(root: Path, message: str) -> None:
+    """Make ``root`` a git checkout holding its files as one commit (what the stages' git_commit tag reads)."""
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "-c", "user.email=b@b", "-c", "user.name=bench", "commit", "-qm", message]):
+        subprocess.run(cmd, cwd=root, check=True, capture_output=True)

@@ -27,7 +27,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import REPO, machine, md_table, parse_overrides  # noqa: E402
+from bench.common import REPO, git_snapshot, machine, md_table, parse_overrides  # noqa: E402
 from bench.time_to_quality import STAGES, copy_project  # noqa: E402
 from diffusion_core.config import apply_overrides  # noqa: E402
 
@@ -42,8 +42,7 @@ def checkout(rev: str, dst: Path, overrides: dict) -> None:
     subprocess.run(["tar", "-x", "-C", str(dst)], input=archive, check=True)
     params = apply_overrides(yaml.safe_load((dst / "params.yaml").read_text()), overrides)
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "-c", "user.email=b@b", "-c", "user.name=bench", "commit", "-qm", rev]):
-        subprocess.run(cmd, cwd=dst, check=True, capture_output=True)  # a git checkout, as the working tree's copy is
+    git_snapshot(dst, rev)  # a git checkout, as the working tree's copy is
 
 
 def run_stages(root: Path) -> None:

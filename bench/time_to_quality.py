@@ -32,7 +32,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import REPO, machine, md_table, parse_overrides  # noqa: E402
+from bench.common import REPO, git_snapshot, machine, md_table, parse_overrides  # noqa: E402
 from bench.mnist_judge import get_judge, quality  # noqa: E402
 from diffusion_core.config import apply_overrides  # noqa: E402
 
@@ -48,8 +48,7 @@ def copy_project(dst: Path, overrides: dict) -> None:
         shutil.copy2(REPO / f, dst / f)
     params = apply_overrides(yaml.safe_load((dst / "params.yaml").read_text()), overrides)
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "-c", "user.email=b@b", "-c", "user.name=bench", "commit", "-qm", "bench"]):
-        subprocess.run(cmd, cwd=dst, check=True, capture_output=True)
+    git_snapshot(dst, "bench")
 
 
 def run_stages(dst: Path, env: dict, force: bool = False) -> dict:

@@ -13,6 +13,7 @@ The sample and sweep stages draw through it with the ``sample`` group of params.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from diffusion_core.config import Config
 from diffusion_core.diffusion import GaussianDiffusion
 from diffusion_core.progress import progress_bar
 from diffusion_core.runtime import sampling_arithmetic
-from diffusion_core.samplers import Trajectory, make_scheduler, sample
+from diffusion_core.samplers import SampleResult, Trajectory, make_scheduler, sample
 
 
 def class_index(class_names: Sequence[str], name_or_index: str | int) -> int:
@@ -82,28 +83,36 @@ class DiffusionPipeline:
         timesteps; ``precision`` is the network's arithmetic (:func:`~diffusion_core.runtime.sampling_arithmetic`).
         The noise comes from one CPU generator seeded with ``seed``, so a seed draws the same images
         on any device and with any batch size that splits the labels the same way."""
-        labels = self.labels(classes)
-        g = torch.Generator().manual_seed(seed)
-        out = []
-        batches = list(torch.split(labels, batch_size))
-        with sampling_arithmetic(self.model, precision):
-            for y in progress_bar(batches, desc=f"sampling ({sampler}, {len(labels)} images)", disable=not progress):
-                sched = make_scheduler(sampler, self.diffusion, steps, eta, timestep_spacing)
-                out.append(sample(self.model, self.diffusion, sched, y, guidance_scale, g, shape=self.image_shape,
-                                  guidance_interval=guidance_interval).images)
-        return torch.cat(out) if out else torch.empty(0, *self.image_shape)
+        results = self._draw(self.labels(classes), sampler, steps, guidance_scale, guidance_interval, eta, timestep_spacing,
+                             seed, batch_size, precision, progress)
+        return torch.cat([r.images for r in results]) if results else torch.empty(0, *self.image_shape)
 
     @torch.no_grad()
-    def trajectory(self, classes: Sequence[str | int] | torch.Tensor, points: int, *, sampler: str = "dpm++2m",
-                   steps: int = 10, guidance_scale: float = 0.0, guidance_interval: Sequence[float] = (0.0, 1.0),
-                   eta: float = 0.0, timestep_spacing: str = "trailing", seed: int = 0, precision: str = "auto",
-                   progress: bool = False, **_: Any) -> Trajectory:
-        """The reverse process of one batch at ``points`` evenly spaced fractions of the sampler's
-        steps: x_t and the predicted clean image at each (:class:`~diffusion_core.samplers.Trajectory`)."""
+    def trajectory(self, classes: Sequence[str | int] | torch.Tensor, points: int, **settings: Any) -> Trajectory:
+        """The reverse process at ``points`` evenly spaced fractions of the sampler's steps: x_t and the
+        predicted clean image at each (:class:`~diffusion_core.samplers.Trajectory`). ``settings`` are
+        :meth:`__call__`'s; the classes are drawn as one batch."""
         labels = self.labels(classes)
+        settings = {**call_defaults(), **settings, "batch_size": max(1, len(labels))}
+        return self._draw(labels, points=points, **settings)[0].trajectory
+
+    def _draw(self, labels: torch.Tensor, sampler: str, steps: int, guidance_scale: float, guidance_interval: Sequence[float],
+              eta: float, timestep_spacing: str, seed: int, batch_size: int, precision: str, progress: bool,
+              points: int = 0) -> list[SampleResult]:
+        """Sample ``labels`` in batches from one generator; ``points`` > 0 records the reverse process
+        (one progress bar over the batches, or over the steps when recording)."""
         g = torch.Generator().manual_seed(seed)
-        sched = make_scheduler(sampler, self.diffusion, steps, eta, timestep_spacing)
+        results = []
+        batches = list(torch.split(labels, batch_size))
         with sampling_arithmetic(self.model, precision):
-            res = sample(self.model, self.diffusion, sched, labels, guidance_scale, g, shape=self.image_shape,
-                         trajectory_points=points, progress=progress, guidance_interval=guidance_interval)
-        return res.trajectory
+            for y in progress_bar(batches, desc=f"sampling ({sampler}, {len(labels)} images)", disable=not progress or bool(points)):
+                sched = make_scheduler(sampler, self.diffusion, steps, eta, timestep_spacing)
+                results.append(sample(self.model, self.diffusion, sched, y, guidance_scale, g, shape=self.image_shape,
+                                      trajectory_points=points, progress=progress and bool(points), guidance_interval=guidance_interval))
+        return results
+
+
+def call_defaults() -> dict[str, Any]:
+    """:meth:`DiffusionPipeline.__call__`'s keyword arguments and their defaults (one place for them)."""
+    params = inspect.signature(DiffusionPipeline.__call__).parameters.values()
+    return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}

@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -271,9 +272,15 @@ def dvc_yaml(root: str | Path | None = None) -> Path:
 def dvc_params(root: str | Path | None = None) -> dict[str, tuple[str, ...]]:
     """Each stage's ``params`` in dvc.yaml (group names such as ``train``, or dotted keys such as
     ``clip.batch_size``): the one stage -> params map that DVC, MLflow and the resume check share."""
+    path = dvc_yaml(root)
+    return _read_dvc_params(path, path.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_dvc_params(path: Path, mtime_ns: int) -> dict[str, tuple[str, ...]]:
+    """dvc.yaml parsed once per version of the file (a stage asks for its map several times)."""
     import yaml
 
-    path = dvc_yaml(root)
     try:
         stages = yaml.safe_load(path.read_text())["stages"]
         return {name: tuple(str(e) for e in spec.get("params", ())) for name, spec in stages.items()}

@@ -119,7 +119,8 @@ def test_global_batch_not_divisible_by_the_processes_is_one_line_naming_the_para
 
 # -- two real processes -------------------------------------------------------------------------
 
-WORKER = """
+# What every worker script starts with: the first n training digits and 64 validation digits.
+WORKER_HEAD = """
 import os, sys
 from pathlib import Path
 import torch
@@ -131,7 +132,19 @@ torch.set_num_threads(1)
 splits = build_splits("mnist-5k", seed=0)
 train = {{k: v[:{n}] for k, v in splits["train"].items()}}
 val = {{k: v[:64] for k, v in splits["val"].items()}}
-# every rank gets its own output folder: rank 1's must stay empty
+"""
+
+
+def run_two_processes(body: str, base: Path, n: int, **fields) -> None:
+    """Run WORKER_HEAD + ``body`` (formatted with ``fields``) as 2 torchrun processes in ``base``."""
+    script = base / "worker.py"
+    script.write_text((WORKER_HEAD + body).format(tests=str(REPO / "tests"), n=n, base=str(base), info=INFO, **fields))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([*TORCHRUN, str(script)], cwd=base, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+WORKER = """# every rank gets its own output folder: rank 1's must stay empty
 out = Path({base!r}) / f"rank{{os.environ['RANK']}}"
 tr = Trainer(tiny_config(**{groups!r}), train, val, {info!r}, out, progress=False)
 res = tr.fit(resume=False)
@@ -146,11 +159,7 @@ assert not torch.distributed.is_initialized()
 def test_two_processes_match_one_and_only_rank_0_writes(mnist5k, tmp_path):
     groups = {"train": {"epochs": 2, "batch_size": 32, "cond_drop_prob": 0.3, "checkpoint_every": 3}}
     n = 128  # 4 global batches of 32 per epoch, 8 steps
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER.format(tests=str(REPO / "tests"), n=n, base=str(tmp_path), groups=groups, info=INFO))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([*TORCHRUN, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
+    run_two_processes(WORKER, tmp_path, n, groups=groups)
     assert not (tmp_path / "rank1").exists()
     assert {p.name for p in (tmp_path / "rank0").iterdir()} == {"checkpoint.pt", "model.pt", "grids", "final.pt"}
     ddp = torch.load(tmp_path / "rank0" / "final.pt", weights_only=True)
@@ -183,18 +192,7 @@ def test_two_processes_match_one_and_only_rank_0_writes(mnist5k, tmp_path):
 GRAD_GROUPS = {"train": {"batch_size": 32, "cond_drop_prob": 0.3, "grad_clip": 0.0}}
 
 GRAD_WORKER = """
-import os, sys
-from pathlib import Path
-import torch
 import torch.distributed as dist
-sys.path.insert(0, {tests!r})
-from conftest import tiny_config
-from diffusion_core.data import build_splits
-from diffusion_core.trainer import Trainer
-torch.set_num_threads(1)
-splits = build_splits("mnist-5k", seed=0)
-train = {{k: v[:{n}] for k, v in splits["train"].items()}}
-val = {{k: v[:64] for k, v in splits["val"].items()}}
 rank = os.environ["RANK"]
 
 
@@ -241,11 +239,7 @@ def step_grads(mnist5k, tmp_path_factory):
     """The gradients of the first GRAD_STEPS steps: 2 processes (rank 0 and 1; averaged and summed) and 1 process."""
     base = tmp_path_factory.mktemp("grads")
     n = 64
-    script = base / "worker.py"
-    script.write_text(GRAD_WORKER.format(tests=str(REPO / "tests"), n=n, base=str(base), groups=GRAD_GROUPS, info=INFO, steps=GRAD_STEPS))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([*TORCHRUN, str(script)], cwd=base, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
+    run_two_processes(GRAD_WORKER, base, n, groups=GRAD_GROUPS, steps=GRAD_STEPS)
     ranks = [torch.load(base / f"grads{r}.pt", weights_only=True) for r in range(2)]
     return ranks, single_process_grads(mnist5k, n, base / "single")
 
