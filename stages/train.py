@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import shutil
+import time
 from pathlib import Path
 
 import typer
@@ -40,36 +41,32 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 
 class MlflowLogger:
-    """Buffers per-step metrics and sends them in batches at each epoch end (cheap on SQLite)."""
+    """Buffers per-step metrics and sends them in batches at each epoch end (cheap on SQLite).
+
+    Each point is stamped when it is recorded, not when it is sent: a batch that reached the server
+    but whose answer was lost (the server died mid-request) is sent again unchanged, and MLflow's
+    store drops a point it already holds (same key, step, timestamp and value) instead of doubling it.
+    """
 
     def __init__(self) -> None:
         import mlflow
 
         self.mlflow = mlflow
-        self.buffer: dict[str, list[tuple[int, float]]] = {}
+        self.buffer: list = []  # mlflow.entities.Metric, oldest first
 
     def add(self, step: int, **values: float) -> None:
-        for k, v in values.items():
-            self.buffer.setdefault(k, []).append((step, v))
-
-    def flush(self) -> None:
         from mlflow.entities import Metric
 
-        import time
-
         now = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), now, s) for k, pts in self.buffer.items() for s, v in pts]
+        self.buffer += [Metric(k, float(v), now, step) for k, v in values.items()]
+
+    def flush(self) -> None:
         run_id = self.mlflow.active_run().info.run_id
         client = self.mlflow.tracking.MlflowClient()
-        for i in range(0, len(metrics), 900):
-            if not tracking.safe_call("log_batch", client.log_batch, run_id, metrics=metrics[i : i + 900]):
-                # tracking is down: keep the unsent points, the next flush retries them (the loss
-                # curves are also in reports/plots/*.csv, whatever happens here)
-                self.buffer = {}
-                for m in metrics[i:]:
-                    self.buffer.setdefault(m.key, []).append((m.step, m.value))
-                return
-        self.buffer.clear()
+        while self.buffer:
+            if not tracking.safe_call("log_batch", client.log_batch, run_id, metrics=self.buffer[:900]):
+                return  # tracking is down: the unsent points stay, the next flush retries them
+            del self.buffer[:900]  # (the loss curves are also in reports/plots/*.csv, whatever happens here)
 
     def on_step(self, step: int, rec: dict) -> None:
         self.add(step, **{"train/loss": rec["loss"], "train/lr": rec["lr"]})

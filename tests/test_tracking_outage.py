@@ -297,3 +297,43 @@ def test_safe_call_skips_a_dead_http_server_without_calling(monkeypatch, capsys)
     t0 = time.time()
     assert tracking.safe_call("log_batch", lambda: called.append(1)) is False
     assert not called and time.time() - t0 < 5 and tracking._Health.failures == 1
+
+
+def test_a_batch_whose_answer_was_lost_is_resent_without_doubling_points(tmp_path, monkeypatch):
+    """The race behind the restart test, made certain: the server stores a batch and dies before it
+    answers, so the logger sees a failure and sends the same points again at the next flush. Points keep
+    the time they were recorded, so the store recognises them and the history holds each step once."""
+    import mlflow
+
+    from diffusion_core import tracking
+    from stages.train import MlflowLogger
+
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    real = tracking.safe_call
+    calls = []
+
+    def stored_but_unanswered(what, fn, *args, **kwargs):
+        calls.append(what)
+        if len(calls) == 1:
+            fn(*args, **kwargs)  # the server stored it ...
+            return False  # ... and its answer never came back
+        return real(what, fn, *args, **kwargs)
+
+    monkeypatch.setattr(tracking, "safe_call", stored_but_unanswered)
+    try:
+        with mlflow.start_run() as run:
+            logger = MlflowLogger()
+            for step in range(1, 21):
+                logger.on_step(step, {"loss": 1.0 / step, "lr": 1e-3})
+            logger.flush()  # "failed": the 20 points stay in the buffer
+            assert len(logger.buffer) == 40
+            time.sleep(0.01)  # a resend that re-stamped the points would now differ from the stored ones
+            for step in range(21, 41):
+                logger.on_step(step, {"loss": 1.0 / step, "lr": 1e-3})
+            logger.flush()
+            assert logger.buffer == [] and len(calls) == 2
+        history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "train/loss")
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert sorted(m.step for m in history) == list(range(1, 41))
