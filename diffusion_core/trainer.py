@@ -163,7 +163,7 @@ class Trainer:
         )
         self.noise_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
         # Random horizontal flips (datasets with hflip, e.g. cifar10) from their own checkpointed generator.
-        self.hflip = DATASETS[cfg.data.source].hflip
+        self.hflip = cfg.data.source in DATASETS and DATASETS[cfg.data.source].hflip  # never for your own images
         self.flip_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 4)
         self.step = 0
         self.history = History()

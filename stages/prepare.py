@@ -10,8 +10,8 @@ from pathlib import Path
 
 import typer
 
-from diffusion_core.config import load_config
-from diffusion_core.data import DATASETS, build_splits, save_splits
+from diffusion_core.config import check_image_size, load_config
+from diffusion_core.data import build_dataset, save_splits
 from stages._common import one_line_errors
 
 app = typer.Typer(add_completion=False)
@@ -25,8 +25,9 @@ def main(
 ) -> None:
     cfg = load_config(params)
     d = cfg.data
-    splits = build_splits(d.source, d.root, cfg.seed, d.val_fraction, d.test_fraction, d.download, d.limit)
-    stats = save_splits(splits, out, DATASETS[d.source], cfg.seed)
+    spec, splits = build_dataset(d.source, d.root, cfg.seed, d.val_fraction, d.test_fraction, d.download, d.limit, d.image_size)
+    check_image_size(cfg, spec.size)  # your own images: their size is known only now
+    stats = save_splits(splits, out, spec, cfg.seed)
     sizes = ", ".join(f"{k}={v['total']}" for k, v in stats["splits"].items())
     typer.echo(f"prepared {d.source}: {sizes} -> {out}")
 

@@ -7,6 +7,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
+SHARED_FASHION = REPO.parent / "shared" / "data" / "fashion-mnist" / "FashionMNIST" / "raw"
 
 
 @pytest.fixture(autouse=True)
@@ -14,18 +15,29 @@ def _few_threads():
     torch.set_num_threads(2)
 
 
-@pytest.fixture(scope="session")
-def mnist_root(tmp_path_factory) -> Path:
-    """Full MNIST laid out as torchvision expects (ROOT/MNIST/raw), from ../shared, no network."""
-    if not SHARED_MNIST.is_dir():
-        pytest.skip(f"{SHARED_MNIST} not present")
-    root = tmp_path_factory.mktemp("mnist_root")
-    raw = root / "MNIST" / "raw"
+def _unpacked(tmp_path_factory, shared: Path, raw_folder: str) -> Path:
+    """A torchvision root whose ``raw_folder`` holds the uncompressed files of ``shared``'s *.gz."""
+    if not shared.is_dir():
+        pytest.skip(f"{shared} not present")
+    root = tmp_path_factory.mktemp(shared.parent.name if shared.name == "raw" else shared.name)
+    raw = root / raw_folder
     raw.mkdir(parents=True)
-    for gz in SHARED_MNIST.glob("*.gz"):
+    for gz in shared.glob("*.gz"):
         with gzip.open(gz, "rb") as src, open(raw / gz.name[:-3], "wb") as dst:
             shutil.copyfileobj(src, dst)
     return root
+
+
+@pytest.fixture(scope="session")
+def mnist_root(tmp_path_factory) -> Path:
+    """Full MNIST laid out as torchvision expects (ROOT/MNIST/raw), from ../shared, no network."""
+    return _unpacked(tmp_path_factory, SHARED_MNIST, "MNIST/raw")
+
+
+@pytest.fixture(scope="session")
+def real_fashion_root(tmp_path_factory) -> Path:
+    """The real Fashion-MNIST laid out as torchvision expects (ROOT/FashionMNIST/raw), from ../shared."""
+    return _unpacked(tmp_path_factory, SHARED_FASHION, "FashionMNIST/raw")
 
 
 @pytest.fixture(scope="session")

@@ -143,7 +143,7 @@ UPPER_LIMITED = {"data.val_fraction": "val + test < 1", "data.test_fraction": "v
                  "model.patch_size": "divides the image size", "clip.digit_clip_patch_grid": "divides the image size",
                  "clip.digit_clip_width": "a multiple of 16", "model.base_channels": "divisible by norm_groups and num_heads",
                  "model.norm_groups": "divides every width", "model.num_heads": "divides every width",
-                 "model.channel_mult": "halving the feature maps", "model.attention_resolutions": "a resolution of the network"}
+                 "model.channel_mult": "halving the feature maps", "data.image_size": "divisible by the patch size and CLIP's patch grid", "model.attention_resolutions": "a resolution of the network"}
 
 
 def edges(key: str) -> list:
@@ -210,7 +210,7 @@ def test_an_unexpected_failure_is_one_line_with_the_stage_and_type_and_a_traceba
     def boom(*args, **kwargs):
         raise ZeroDivisionError("division by zero in a loader")
 
-    monkeypatch.setattr(prepare, "build_splits", boom)
+    monkeypatch.setattr(prepare, "build_dataset", boom)
     monkeypatch.delenv("DIFFUSION_DEBUG", raising=False)
     with pytest.raises(SystemExit) as exit_:
         prepare.main(params=tmp_path / "params.yaml", out=tmp_path / "out")
