@@ -157,9 +157,8 @@ def main(
         budget.check([budget.drawn_images("--count", count, count, pipe.image_shape)], (out or Path(".")).parent)
         draw_on_request(cfg, pipe, resolve_class(pipe.class_names, klass, digit), count, seed, out)
         return
-    spec = DATASETS[cfg.data.source]
-    budget.check(budget.sample_needs(cfg.sample, (spec.channels, spec.size, spec.size), len(spec.class_names)), out_dir)
     pipe = DiffusionPipeline.from_pretrained(model_path, device, expect=cfg)
+    budget.check(budget.sample_needs(cfg.sample, pipe.image_shape, len(pipe.class_names)), out_dir)
     with tracking.stage_run("sample", model_path.parent / "run.json", out_dir / "run.json",
                             tracking.stage_params(cfg.flat(), "sample"), tracking.run_name(cfg.flat())) as run_id:
         draw_pipeline_samples(cfg, pipe, out_dir, metrics, device)

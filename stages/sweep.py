@@ -19,7 +19,7 @@ import typer
 from diffusion_core import budget
 from diffusion_core.clip_eval import frechet_distance, judge_images, text_embeddings
 from diffusion_core.config import load_config, sampling_kwargs
-from diffusion_core.data import DATASETS, dataset_prompts, load_split, take_per_class
+from diffusion_core.data import dataset_prompts, load_split, take_per_class
 from diffusion_core.judges import load_judge
 from diffusion_core.pipeline import DiffusionPipeline
 from diffusion_core.runtime import resolve_device
@@ -42,13 +42,11 @@ def main(
     w, s = cfg.sweep, cfg.sample
     runs = [("guidance", s.sampler, s.steps, g) for g in w.guidance_scales]
     runs += [("sampler", *sampler_spec(e, cfg.diffusion.timesteps), s.guidance_scale) for e in w.samplers]
-    spec = DATASETS[cfg.data.source]
-    draws = len({run[1:] for run in runs})  # each distinct (sampler, steps, w) is drawn once and kept
-    budget.check([budget.drawn_images("sweep.per_class", w.per_class, w.per_class * len(spec.class_names),
-                                      (spec.channels, spec.size, spec.size), settings=draws)], out.parent)
     device = resolve_device(cfg.train.device)
     pipe = DiffusionPipeline.from_pretrained(model_path, device, expect=cfg)
     names = pipe.class_names
+    draws = len({run[1:] for run in runs})  # each distinct (sampler, steps, w) is drawn once and kept
+    budget.check([budget.drawn_images("sweep.per_class", w.per_class, w.per_class * len(names), pipe.image_shape, settings=draws)], out.parent)
     prompt_names, templates = dataset_prompts(read_json(data / "stats.json"))
     judge = load_judge("digit-clip", device, digit_clip, expect_classes=prompt_names)
     text = text_embeddings(judge, prompt_names, templates)
