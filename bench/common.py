@@ -61,17 +61,29 @@ def time_train_steps(tr, steps: int = 10, timings: int = 5, warmup: int = 3, see
     return statistics.median(run(steps) for _ in range(timings)) / steps, warm
 
 
+def _unpacked(src: Path, raw: Path, what: str) -> None:
+    """The .gz files of ``src`` uncompressed into ``raw`` (once)."""
+    if raw.is_dir() and all((raw / gz.name[:-3]).is_file() for gz in src.glob("*.gz")):
+        return
+    if not src.is_dir():
+        raise SystemExit(f"{src} not found: the benchmarks need {what} there")
+    raw.mkdir(parents=True, exist_ok=True)
+    for gz in src.glob("*.gz"):
+        with gzip.open(gz, "rb") as f_in, open(raw / gz.name[:-3], "wb") as f_out:
+            shutil.copyfileobj(f_in, f_out)
+
+
 def mnist_root() -> Path:
     """Full MNIST in torchvision's layout (CACHE/MNIST/raw), unpacked from ``SHARED_MNIST``."""
-    raw = CACHE / "MNIST" / "raw"
-    if not (raw / "t10k-labels-idx1-ubyte").is_file():
-        if not SHARED_MNIST.is_dir():
-            raise SystemExit(f"{SHARED_MNIST} not found: the benchmarks need full MNIST there")
-        raw.mkdir(parents=True, exist_ok=True)
-        for gz in SHARED_MNIST.glob("*.gz"):
-            with gzip.open(gz, "rb") as src, open(raw / gz.name[:-3], "wb") as dst:
-                shutil.copyfileobj(src, dst)
+    _unpacked(SHARED_MNIST, CACHE / "MNIST" / "raw", "full MNIST")
     return CACHE
+
+
+def shared_torchvision_root(dataset: str, folder: str) -> Path:
+    """``dataset`` (e.g. fashion-mnist) in torchvision's layout (CACHE/<dataset>/<folder>/raw),
+    unpacked from the .gz files in ../shared/data/<dataset>/<folder>/raw."""
+    _unpacked(REPO.parent / "shared" / "data" / dataset / folder / "raw", CACHE / dataset / folder / "raw", dataset)
+    return CACHE / dataset
 
 
 def parse_interval(text: str, flag: str) -> tuple[float, float]:

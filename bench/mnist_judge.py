@@ -1,11 +1,13 @@
-"""An independent judge for the benchmarks: a small CNN trained on full MNIST (60k digits).
+"""Independent judges for the benchmarks: a small CNN trained on a dataset's full real training set.
 
-It is a benchmark tool, not the product's judge (the product uses CLIP). Trained once and cached in
-bench/.cache/mnist_cnn.pt. Gives judged accuracy (overall, per digit) and a Frechet distance in its
-penultimate-layer feature space against real MNIST test digits.
+``--dataset mnist`` (the default; 60k digits) or ``fashion-mnist`` (60k clothing images), read from
+../shared/data. A benchmark tool, not the product's judge (the product uses CLIP). Trained once and
+cached in bench/.cache/ (mnist_cnn.pt, fashion-mnist_cnn.pt). Gives judged accuracy (overall, per
+class) and a Frechet distance in its penultimate-layer feature space against the real test images.
 
     python bench/mnist_judge.py            # trains if needed, prints its accuracy on the test set
     python bench/mnist_judge.py --data-floor 200   # + the FD of 2,000 of the default's training digits
+    python bench/mnist_judge.py --dataset fashion-mnist   # the Fashion-MNIST judge and its test accuracy
 """
 
 from __future__ import annotations
@@ -20,10 +22,16 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import CACHE, mnist_root  # noqa: E402
+from bench.common import CACHE, mnist_root, shared_torchvision_root  # noqa: E402
 from diffusion_core.clip_eval import frechet_distance  # noqa: E402
 
 WEIGHTS = CACHE / "mnist_cnn.pt"
+# per dataset: torchvision class, pixel mean and std (of its training set), training epochs
+JUDGED = {"mnist": ("MNIST", 0.1307, 0.3081, 2), "fashion-mnist": ("FashionMNIST", 0.2860, 0.3530, 6)}
+
+
+def weights_path(dataset: str) -> Path:
+    return WEIGHTS if dataset == "mnist" else CACHE / f"{dataset}_cnn.pt"
 
 
 class CNN(nn.Module):
@@ -40,21 +48,30 @@ class CNN(nn.Module):
         return self.head(self.features(x))
 
 
-def load_mnist(train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def load_real(train: bool, dataset: str = "mnist") -> tuple[torch.Tensor, torch.Tensor]:
+    """A dataset's real training or test images (uint8 [N, 1, 28, 28]) and labels, from ../shared."""
     import torchvision
 
-    ds = torchvision.datasets.MNIST(str(mnist_root()), train=train, download=False)
+    cls = getattr(torchvision.datasets, JUDGED[dataset][0])
+    root = mnist_root() if dataset == "mnist" else shared_torchvision_root(dataset, JUDGED[dataset][0])
+    ds = cls(str(root), train=train, download=False)
     return ds.data[:, None].clone(), ds.targets.clone()
 
 
-def prep(images_uint8: torch.Tensor) -> torch.Tensor:
+def load_mnist(train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return load_real(train, "mnist")
+
+
+def prep(images_uint8: torch.Tensor, dataset: str = "mnist") -> torch.Tensor:
+    _, mean, std, _ = JUDGED[dataset]
     x = images_uint8.float() / 255.0
-    return (x - 0.1307) / 0.3081
+    return (x - mean) / std
 
 
-def train_judge(epochs: int = 2, seed: int = 0) -> CNN:
+def train_judge(epochs: int | None = None, seed: int = 0, dataset: str = "mnist") -> CNN:
     torch.manual_seed(seed)
-    x, y = load_mnist(True)
+    epochs = epochs or JUDGED[dataset][3]
+    x, y = load_real(True, dataset)
     model = CNN()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     steps = epochs * (len(y) // 128)
@@ -69,23 +86,26 @@ def train_judge(epochs: int = 2, seed: int = 0) -> CNN:
             # small random shifts: generated digits are not always centred like MNIST's
             dx, dy = torch.randint(-2, 3, (2,), generator=g).tolist()
             xb = torch.roll(xb, shifts=(dy, dx), dims=(2, 3))
-            loss = F.cross_entropy(model(prep(xb)), y[idx])
+            loss = F.cross_entropy(model(prep(xb, dataset)), y[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
-    print(f"trained the MNIST judge in {time.time() - t0:.0f}s", file=sys.stderr)
+    print(f"trained the {dataset} judge in {time.time() - t0:.0f}s", file=sys.stderr)
+    model.dataset = dataset
     return model.eval()
 
 
-def get_judge() -> CNN:
-    model = CNN()
-    if WEIGHTS.is_file():
-        model.load_state_dict(torch.load(WEIGHTS, weights_only=True))
+def get_judge(dataset: str = "mnist") -> CNN:
+    """The cached judge of ``dataset`` (trained and cached the first time)."""
+    model, path = CNN(), weights_path(dataset)
+    if path.is_file():
+        model.load_state_dict(torch.load(path, weights_only=True))
+        model.dataset = dataset
         return model.eval()
-    model = train_judge()
-    WEIGHTS.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), WEIGHTS)
+    model = train_judge(dataset=dataset)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
     return model
 
 
@@ -96,7 +116,7 @@ def judge(model: CNN, images_uint8: torch.Tensor, batch: int = 1000) -> tuple[to
         images_uint8 = images_uint8[:, None]
     preds, feats = [], []
     for chunk in torch.split(images_uint8, batch):
-        f = model.features(prep(chunk))
+        f = model.features(prep(chunk, getattr(model, "dataset", "mnist")))
         feats.append(f)
         preds.append(model.head(f).argmax(1))
     return torch.cat(preds), torch.cat(feats)
@@ -110,7 +130,7 @@ def digit_accuracies(pred: torch.Tensor, labels: torch.Tensor) -> list[float]:
 _REAL_CACHE: dict = {}
 
 
-def quality(images_uint8: torch.Tensor, labels: torch.Tensor, model: CNN | None = None) -> dict:
+def quality(images_uint8: torch.Tensor, labels: torch.Tensor, model: CNN | None = None, dataset: str = "mnist") -> dict:
     """Judged accuracy (overall, worst digit), FD to as many real test digits, and the real-vs-real FD.
 
     ``fd`` / ``fd_real_vs_real``: against one fixed draw of ``n`` random test digits, the floor one
@@ -120,41 +140,46 @@ def quality(images_uint8: torch.Tensor, labels: torch.Tensor, model: CNN | None 
     random draw moves a set's FD by up to 5 points, and a class-balanced real set is nearer the
     test digits than a random one).
     """
-    model = model or get_judge()
+    model = model or get_judge(dataset)
+    dataset = getattr(model, "dataset", dataset)
     pred, feat = judge(model, images_uint8)
     labels = labels.long()
     per = digit_accuracies(pred, labels)
     n = len(labels)
-    if "test" not in _REAL_CACHE:
-        xt, yt = load_mnist(False)
-        xtr, ytr = load_mnist(True)
-        _REAL_CACHE["test"] = judge(model, xt)[1]
-        _REAL_CACHE["train"] = judge(model, xtr[:10000])[1]
-        _REAL_CACHE["train_labels"] = ytr[:10000]
+    real_sets = _real_features(model, dataset)
     g = torch.Generator().manual_seed(0)
-    real = _REAL_CACHE["test"][torch.randperm(len(_REAL_CACHE["test"]), generator=g)[:n]]
-    other = _REAL_CACHE["train"][torch.randperm(len(_REAL_CACHE["train"]), generator=g)[:n]]
+    real = real_sets["test"][torch.randperm(len(real_sets["test"]), generator=g)[:n]]
+    other = real_sets["train"][torch.randperm(len(real_sets["train"]), generator=g)[:n]]
     return {
         "accuracy": float((pred == labels).float().mean()),
         "worst_digit": int(np.argmin(per)),
         "worst_digit_accuracy": float(min(per)),
         "fd": frechet_distance(feat, real),
         "fd_real_vs_real": frechet_distance(other, real),
-        "fd_all_test": frechet_distance(feat, _REAL_CACHE["test"]),
-        "fd_all_test_floor": _all_test_floor(labels),
+        "fd_all_test": frechet_distance(feat, real_sets["test"]),
+        "fd_all_test_floor": _all_test_floor(labels, real_sets),
         "n": n,
         "pred": pred,
     }
 
 
-def _all_test_floor(labels: torch.Tensor) -> float:
+def _real_features(model: CNN, dataset: str) -> dict:
+    """The judge's features of all real test images and of the first 10,000 training images (cached)."""
+    if dataset not in _REAL_CACHE:
+        xt, _ = load_real(False, dataset)
+        xtr, ytr = load_real(True, dataset)
+        _REAL_CACHE[dataset] = {"test": judge(model, xt)[1], "train": judge(model, xtr[:10000])[1], "train_labels": ytr[:10000]}
+    return _REAL_CACHE[dataset]
+
+
+def _all_test_floor(labels: torch.Tensor, real_sets: dict) -> float:
     """``fd_all_test``'s floor for a generated set with ``labels``; it depends only on their count of
-    each digit, so a benchmark's many sets of one size share one computation."""
+    each class, so a benchmark's many sets of one size share one computation."""
     counts = tuple(torch.bincount(labels.long(), minlength=10).tolist())
-    key = ("all_test_floor", counts)
-    if key not in _REAL_CACHE:
-        _REAL_CACHE[key] = frechet_distance(_REAL_CACHE["train"][same_digits(_REAL_CACHE["train_labels"], labels)], _REAL_CACHE["test"])
-    return _REAL_CACHE[key]
+    key = "all_test_floor", counts
+    if key not in real_sets:
+        real_sets[key] = frechet_distance(real_sets["train"][same_digits(real_sets["train_labels"], labels)], real_sets["test"])
+    return real_sets[key]
 
 
 def same_digits(pool_labels: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -183,13 +208,15 @@ if __name__ == "__main__":
     import argparse
 
     ap = argparse.ArgumentParser()
+    ap.add_argument("--dataset", choices=sorted(JUDGED), default="mnist")
     ap.add_argument("--data-floor", type=int, default=0, metavar="PER_CLASS",
-                    help="also judge PER_CLASS mnist-5k training digits of each class like a generated set")
+                    help="also judge PER_CLASS mnist-5k training digits of each class like a generated set (mnist only)")
     args = ap.parse_args()
-    m = get_judge()
-    x, y = load_mnist(False)
+    m = get_judge(args.dataset)
+    x, y = load_real(False, args.dataset)
     pred, _ = judge(m, x)
-    print(f"MNIST judge accuracy on the 10,000 test digits: {(pred == y).float().mean():.4f}")
+    per = " ".join(f"{a:.3f}" for a in digit_accuracies(pred, y))
+    print(f"{args.dataset} judge accuracy on the {len(y):,} real test images: {(pred == y).float().mean():.4f} (per class {per})")
     if args.data_floor:
         q = training_digits_quality(args.data_floor)
         print(f"mnist-5k training digits, {q['n']} ({args.data_floor} per class): judged {q['accuracy']:.4f}, worst digit "

@@ -12,6 +12,14 @@ digits (and, for scale, between two real sets of that size). ``fd_all_test`` mea
 real training digits, with the generated set's count of each digit (bench/mnist_judge.quality).
 ``digit_clip_test_accuracy`` is the pipeline's own judge, digit-clip, on its real test digits
 (reports/metrics/train_clip.json).
+
+    python bench/time_to_quality.py --dataset fashion-mnist --set ... [--keep DIR]
+
+``--dataset fashion-mnist`` runs the pipeline on the real Fashion-MNIST (from ../shared, unpacked
+into bench/.cache; data.source, data.root and data.download are set for it) and judges with that
+dataset's CNN (bench/mnist_judge.py --dataset), whose accuracy on the real test images is printed
+beside the generated images' as the ceiling, with the accuracy of each class. ``--keep DIR`` keeps
+the run's reports/ (the report, its figures, the metrics) in DIR.
 """
 
 from __future__ import annotations
@@ -32,9 +40,10 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import REPO, git_snapshot, machine, md_table, parse_overrides  # noqa: E402
-from bench.mnist_judge import get_judge, quality  # noqa: E402
+from bench.common import REPO, git_snapshot, machine, md_table, parse_overrides, shared_torchvision_root  # noqa: E402
+from bench.mnist_judge import JUDGED, digit_accuracies, get_judge, judge, load_real, quality  # noqa: E402
 from diffusion_core.config import apply_overrides  # noqa: E402
+from diffusion_core.data import DATASETS  # noqa: E402
 
 STAGES = ["prepare", "train", "train_clip", "sample", "evaluate", "sweep", "report"]
 
@@ -51,7 +60,7 @@ def copy_project(dst: Path, overrides: dict) -> None:
     git_snapshot(dst, "bench")
 
 
-def run_stages(dst: Path, env: dict, force: bool = False) -> dict:
+def run_stages(dst: Path, env: dict, force: bool = False, dataset: str = "mnist", keep: Path | None = None) -> dict:
     times = {}
     for stage in STAGES:
         t0 = time.perf_counter()
@@ -66,11 +75,13 @@ def run_stages(dst: Path, env: dict, force: bool = False) -> dict:
     with np.load(dst / "samples" / "samples.npz") as f:
         images, labels = torch.from_numpy(f["images"]), torch.from_numpy(f["labels"])
     clip = json.loads((dst / "reports" / "metrics" / "train_clip.json").read_text())  # the pipeline's own judge
-    return {"times": times, "total": sum(times.values()), **quality(images, labels),
-            "digit_clip_test_accuracy": clip["zero_shot_accuracy_test"]}
+    if keep is not None:
+        shutil.copytree(dst / "reports", keep, dirs_exist_ok=True)
+    return {"times": times, "total": sum(times.values()), **quality(images, labels, get_judge(dataset)),
+            "labels": labels, "digit_clip_test_accuracy": clip["zero_shot_accuracy_test"]}
 
 
-def one_run(overrides: dict, in_place: bool = False, force: bool = False) -> dict:
+def one_run(overrides: dict, in_place: bool = False, force: bool = False, dataset: str = "mnist", keep: Path | None = None) -> dict:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     env.pop("MLFLOW_TRACKING_URI", None)
     if in_place:  # the repository itself: its dvc.lock and reports become this run's
@@ -82,7 +93,7 @@ def one_run(overrides: dict, in_place: bool = False, force: bool = False) -> dic
         dst = Path(tmp) / "repo"
         copy_project(dst, overrides)
         env["PYTHONPATH"] = str(dst)
-        return run_stages(dst, env)
+        return run_stages(dst, env, dataset=dataset, keep=keep)
 
 
 def main() -> None:
@@ -91,24 +102,47 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="params override key=value")
     ap.add_argument("--in-place", action="store_true",
                     help="run the out-of-date stages in this repository (one run, no --set) instead of a fresh copy")
+    ap.add_argument("--dataset", choices=sorted(JUDGED), default="mnist",
+                    help="mnist: the params as they are (mnist-5k by default), judged by the MNIST CNN; fashion-mnist: "
+                    "the real Fashion-MNIST from ../shared, judged by its own CNN")
+    ap.add_argument("--keep", type=Path, help="copy the (last) run's reports/ folder here")
     ap.add_argument("--force", action="store_true", help="with --in-place: run every stage even if up to date (dvc repro --force; "
                     "models/checkpoint.pt is removed first so training starts from scratch)")
     args = ap.parse_args()
     if args.in_place and (args.set or args.runs != 1):
         raise SystemExit("--in-place: runs the repository's own params once; drop --set/--runs")
     overrides = parse_overrides(args.set)
-    get_judge()  # trained (and cached) before any timing
+    if args.dataset != "mnist":
+        if args.in_place:
+            raise SystemExit("--dataset: runs a fresh copy; drop --in-place")
+        root = shared_torchvision_root(args.dataset, JUDGED[args.dataset][0])
+        overrides = {"data.source": args.dataset, "data.root": str(root), "data.download": False, **overrides}
+    ceiling = judge_ceiling(args.dataset)  # the judge is trained (and cached) before any timing
     if args.force and not args.in_place:
         raise SystemExit("--force: only with --in-place (a fresh copy runs every stage anyway)")
-    runs = [one_run(overrides, args.in_place, args.force) for _ in range(args.runs)]
+    runs = [one_run(overrides, args.in_place, args.force, args.dataset, args.keep) for _ in range(args.runs)]
     rows = [{"stage": s, "median_s": statistics.median(r["times"][s] for r in runs)} for s in STAGES]
     rows.append({"stage": "total", "median_s": statistics.median(r["total"] for r in runs)})
     qrows = [{k: r[k] for k in ("n", "accuracy", "worst_digit", "worst_digit_accuracy", "fd", "fd_real_vs_real", "fd_all_test", "fd_all_test_floor", "digit_clip_test_accuracy")} for r in runs]
-    cmd = "python bench/time_to_quality.py" + (" --in-place" if args.in_place else "") + (" --force" if args.force else "") + "".join(f" --runs {args.runs}" if args.runs != 1 else "") + "".join(f" --set {s}" for s in args.set)
+    cmd = ("python bench/time_to_quality.py" + (" --in-place" if args.in_place else "") + (" --force" if args.force else "")
+           + (f" --dataset {args.dataset}" if args.dataset != "mnist" else "") + (f" --runs {args.runs}" if args.runs != 1 else "")
+           + "".join(f" --set {s}" for s in args.set) + (f" --keep {args.keep}" if args.keep else ""))
     print(f"Machine: {machine()}\nCommand: `{cmd}` ({args.runs} run(s); times are medians)\n")
     print(md_table(rows))
     print()
     print(md_table(qrows))
+    print(f"\nBy class ({args.dataset} judge; `real` = its accuracy on all real test images, the ceiling):\n")
+    per_run = [digit_accuracies(r["pred"], r["labels"]) for r in runs]
+    names = DATASETS["mnist" if args.dataset == "mnist" else args.dataset].class_names
+    print(md_table([{"class": names[c], "real": ceiling[c], **{f"run {i + 1}": p[c] for i, p in enumerate(per_run)}} for c in range(len(names))]
+                   + [{"class": "all", "real": ceiling[-1], **{f"run {i + 1}": r["accuracy"] for i, r in enumerate(runs)}}]))
+
+
+def judge_ceiling(dataset: str) -> list[float]:
+    """The judge's accuracy on every real test image: per class, then overall (the last item)."""
+    x, y = load_real(False, dataset)
+    pred = judge(get_judge(dataset), x)[0]
+    return [*digit_accuracies(pred, y), float((pred == y).float().mean())]
 
 
 if __name__ == "__main__":
