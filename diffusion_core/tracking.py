@@ -16,6 +16,11 @@
   on, so a tracking server that dies mid-run never costs the trained model or the DVC outs. While
   the server is down, calls are skipped after a quick socket probe (no minutes of HTTP retries);
   when it answers again, logging resumes. The run file records whether tracking was complete.
+* Ends: a stage that fails ends its run FAILED; one stopped by Ctrl-C or SIGTERM ends it KILLED.
+  A stage killed outright (SIGKILL, a lost machine) cannot: each run records the host and process
+  of the stage that holds it open (tags ``stage_host``, ``stage_pid``), and the next stage that
+  starts on that host ends any RUNNING run whose process is gone as KILLED (:func:`close_orphans`),
+  so no run stays RUNNING for ever.
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import socket
+import threading
 import subprocess
 import time
 import urllib.parse
@@ -355,6 +362,95 @@ def _copy_run(client, src_id: str, stage: str, name: str | None = None) -> str:
     return new_id
 
 
+SPLIT_CONTEXTS = {"train": "training", "val": "validation", "test": "testing"}
+
+
+def log_splits(data_dir: str | Path, source: str) -> bool:
+    """Log the prepared splits as the active run's dataset inputs (mlflow.data NumPy datasets named
+    ``<source>/<split>``, their source the split's file, the split as context), so the runs table
+    shows which data each run saw and runs on other data are told apart. Best effort, like all logging."""
+    return safe_call("logging the data splits", _log_splits, data_dir, source)
+
+
+def _log_splits(data_dir: str | Path, source: str) -> None:
+    import mlflow
+
+    from diffusion_core.data import SPLITS, load_split
+
+    for split in SPLITS:
+        path = Path(data_dir) / f"{split}.pt"
+        tensors = load_split(data_dir, split)
+        dataset = mlflow.data.from_numpy(tensors["images"].numpy(), targets=tensors["labels"].numpy(),
+                                         source=str(path.resolve()), name=f"{source}/{split}")
+        mlflow.log_input(dataset, context=SPLIT_CONTEXTS[split])
+
+
+def log_model(model_file: str | Path, class_names: list[str], image_shape: tuple[int, int, int]) -> bool:
+    """Log the trained model as the active run's MLflow Model and register it as a new version of the
+    registered model named after the experiment (:mod:`diffusion_core.mlflow_model`). Best effort."""
+    from diffusion_core import mlflow_model
+
+    return safe_call("logging the MLflow Model", mlflow_model.log_model, model_file, class_names, image_shape, EXPERIMENT)
+
+
+def promote_model(run_id: str, accuracy: float, fd: float, judge: str) -> bool:
+    """Record the judged numbers on the model version this run's model was registered as, and move
+    the ``champion`` alias to it if it is the best judged so far. Best effort."""
+    from mlflow.tracking import MlflowClient
+
+    from diffusion_core import mlflow_model
+
+    def promote() -> None:
+        client = MlflowClient()
+        model_run = client.get_run(run_id).data.tags.get("model_run_id", run_id)
+        mlflow_model.promote_if_best(client, EXPERIMENT, model_run, accuracy, fd, judge)
+
+    return safe_call("moving the champion alias", promote)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # someone else's process (or not a pid we can test): leave its run alone
+    return True
+
+
+def close_orphans(client, experiment_id: str) -> list[str]:
+    """End as KILLED every RUNNING run of the experiment held open by a stage on this host whose
+    process is gone (killed outright, so it could not end its run). Returns their ids."""
+    host = socket.gethostname()
+    closed = []
+    for run in client.search_runs([experiment_id], f"attributes.status = 'RUNNING' and tags.stage_host = '{host}'", max_results=1000):
+        pid = run.data.tags.get("stage_pid", "")
+        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+            client.set_tag(run.info.run_id, "ended_by", f"a later stage: the process that held it open (pid {pid} on {host}) was gone")
+            client.set_terminated(run.info.run_id, "KILLED")
+            closed.append(run.info.run_id)
+    return closed
+
+
+class _Sigterm:
+    """While a stage's run is open, SIGTERM raises KeyboardInterrupt (as Ctrl-C does), so the run is
+    ended KILLED instead of left RUNNING. Only in the main thread, where Python delivers signals."""
+
+    def __enter__(self):
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._raise)
+        return self
+
+    @staticmethod
+    def _raise(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
 @contextmanager
 def stage_run(stage: str, upstream_run_file: str | Path | None, own_run_file: str | Path | None, params: dict[str, Any],
               name: str | None = None) -> Iterator[str]:
@@ -369,6 +465,7 @@ def stage_run(stage: str, upstream_run_file: str | Path | None, own_run_file: st
 
     setup()
     client = MlflowClient()
+    safe_call("closing orphaned runs", close_orphans, client, mlflow.get_experiment_by_name(EXPERIMENT).experiment_id)
     if upstream_run_file is None:
         run = client.create_run(mlflow.get_experiment_by_name(EXPERIMENT).experiment_id,
                                 tags={**run_tags(), "opened_by_stage": stage}, run_name=name)
@@ -385,11 +482,13 @@ def stage_run(stage: str, upstream_run_file: str | Path | None, own_run_file: st
     mlflow.start_run(run_id=run_id)
     _Health.down, _Health.failures = False, 0
     try:
-        log_params(params)
-        start = time.time()
-        yield run_id
-    except BaseException:
-        safe_call("end_run", mlflow.end_run, status="FAILED")
+        with _Sigterm():
+            safe.set_tags({"stage_host": socket.gethostname(), "stage_pid": str(os.getpid())})
+            log_params(params)
+            start = time.time()
+            yield run_id
+    except BaseException as exc:
+        safe_call("end_run", mlflow.end_run, status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     safe.log_metric(f"{stage}/stage_seconds", time.time() - start)
     safe.set_tag(_stage_done_tag(stage), "done")

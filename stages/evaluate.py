@@ -165,6 +165,8 @@ def main(
             )
         write_json(metrics, summary)
         tracking.safe.log_artifacts(str(out), "evaluation")
+        first = summary[slug(c.models[0])]
+        tracking.promote_model(run_id, first["accuracy_generated"], first["frechet_distance"], c.models[0])
         typer.echo(f"MLflow run {run_id}")
 
 

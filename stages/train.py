@@ -106,7 +106,7 @@ def main(
             typer.echo(f"training on {trainer.device} in {trainer.precision}{compiled}")
             if not resume:
                 shutil.rmtree(out / "grids", ignore_errors=True)
-            train_and_log(cfg, trainer, stats, resume, out, metrics, plots)
+            train_and_log(cfg, trainer, stats, data, resume, out, metrics, plots)
         else:  # other ranks: train alongside rank 0, write nothing, log nothing
             if resume:
                 trainer.load_checkpoint(trainer.checkpoint_path)
@@ -115,7 +115,7 @@ def main(
         trainer.close()
 
 
-def train_and_log(cfg, trainer: Trainer, stats: dict, resume: bool, out: Path, metrics: Path, plots: Path) -> None:
+def train_and_log(cfg, trainer: Trainer, stats: dict, data_dir: Path, resume: bool, out: Path, metrics: Path, plots: Path) -> None:
     """Rank 0 (or the only process): train inside the MLflow run and write every output."""
     flat = cfg.flat()
     with tracking.stage_run("train", None, out / "run.json", tracking.stage_params(flat, "train"), tracking.run_name(flat)) as run_id:
@@ -123,6 +123,7 @@ def train_and_log(cfg, trainer: Trainer, stats: dict, resume: bool, out: Path, m
         trainer.on_step, trainer.on_epoch = logger.on_step, logger.on_epoch
         tracking.safe.set_tag("data.source", cfg.data.source)
         tracking.safe.log_dict(stats, "data/stats.json")
+        tracking.log_splits(data_dir, cfg.data.source)
         if resume:  # the restored history goes into this run too, so its curves are complete
             trainer.load_checkpoint(trainer.checkpoint_path)
             for r in trainer.history.train:
@@ -150,7 +151,7 @@ def train_and_log(cfg, trainer: Trainer, stats: dict, resume: bool, out: Path, m
         write_csv(plots / "train_loss.csv", [{"step": r["step"], "epoch": r["epoch"], "loss": r["loss"], "lr": r["lr"]} for r in result.history.train])
         write_csv(plots / "val_loss.csv", result.history.val)
         tracking.safe.log_metrics({f"train/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
-        tracking.safe.log_artifact(str(out / "model.pt"), "model")
+        tracking.log_model(out / "model.pt", stats["class_names"], (stats["channels"], stats["size"], stats["size"]))
         tracking.safe.log_artifact(str(metrics), "metrics")
         where = f" on {trainer.world} processes" if trainer.world > 1 else ""
         typer.echo(

@@ -59,3 +59,28 @@ def test_sigkill_at_several_points_then_resume_matches_an_uninterrupted_run(tmp_
         assert torch.equal(wa[k], wb[k]), k
     # the loss curve is complete: one row per step, the same values
     assert (a / "reports/plots/train_loss.csv").read_text() == (b / "reports/plots/train_loss.csv").read_text()
+    # no run is left RUNNING: each killed stage's run was ended KILLED by the next stage that started
+    assert run_statuses(b) == {"FINISHED": 1, "KILLED": 3}
+
+
+def run_statuses(project_dir: Path) -> dict[str, int]:
+    import sqlite3
+    from collections import Counter
+
+    with sqlite3.connect(project_dir / "mlflow.db") as db:
+        return dict(Counter(status for (status,) in db.execute("select status from runs")))
+
+
+def test_sigterm_ends_the_run_killed_and_keeps_the_checkpoint(tmp_path):
+    env = project(tmp_path)
+    run([sys.executable, "-m", "stages.prepare"], tmp_path, env=env)
+    proc = subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while checkpoint_step(tmp_path / "models" / "checkpoint.pt") < 5 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode != 0 and not (tmp_path / "models" / "model.pt").exists(), err[-2000:]
+    assert run_statuses(tmp_path) == {"KILLED": 1}  # at once, not left for a later stage to find
+    assert checkpoint_step(tmp_path / "models" / "checkpoint.pt") >= 5

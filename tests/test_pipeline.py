@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -121,6 +122,12 @@ def test_repro_produces_every_out_and_one_mlflow_run(repo):
         kind = con.execute("select value from experiment_tags where key='mlflow.experimentKind'").fetchone()
         assert kind == ("custom_model_development",)
         assert tags["git_uncommitted_code"] == "none"  # the copy's code is committed
+        # the splits it saw, as MLflow dataset inputs: name, digest, the split as context
+        inputs = con.execute("select d.name, d.digest, d.dataset_source, t.value from inputs i join datasets d on d.dataset_uuid = i.source_id "
+                             "join input_tags t on t.input_uuid = i.input_uuid where i.destination_id=? and t.name='mlflow.data.context'",
+                             (run_id,)).fetchall()
+        assert sorted((n, c) for n, _, _, c in inputs) == [("mnist-5k/test", "testing"), ("mnist-5k/train", "training"), ("mnist-5k/val", "validation")]
+        assert len({d for _, d, _, _ in inputs}) == 3 and all("data/prepared/" in src for _, _, src, _ in inputs)
     finally:
         con.close()
     # artifacts live beside the database, whatever folder a stage ran in
@@ -152,6 +159,78 @@ def test_changing_guidance_reruns_only_sampling_and_later_and_makes_a_new_run(re
         assert tags["copied_from_run"] == runs[0][0] and tags.get("dvc_exp_name")
     finally:
         con.close()
+
+
+def test_the_champion_model_loads_through_pyfunc_and_answers_rest_requests(repo):
+    """The train stage registered its MLflow Model, evaluate put the champion alias on it; it draws in
+    process through pyfunc and over REST from a real `mlflow models serve`; bad requests get a 400."""
+    import json
+    import socket
+    import time
+    import urllib.error
+    import urllib.request
+
+    import mlflow
+    import numpy as np
+    import pandas as pd
+
+    dst, env, _ = repo
+    uri = f"sqlite:///{dst / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    try:
+        client = mlflow.MlflowClient()
+        champion = client.get_model_version_by_alias("digit-diffusion", "champion")
+        runs, con = mlflow_runs(dst / "mlflow.db")
+        con.close()
+        assert str(champion.version) == "1" and champion.run_id == runs[0][0]  # trained once; both runs judged it
+        assert 0 <= float(champion.tags["judged_accuracy"]) <= 1 and champion.tags["judged_by"] == "digit-clip"
+        model = mlflow.pyfunc.load_model("models:/digit-diffusion@champion")
+        request = pd.DataFrame({"class": ["seven", "3", "Seven"], "seed": [0, 0, 0]})
+        images = model.predict(request)
+        assert images.shape == (3, 1, 28, 28) and images.dtype == np.uint8
+        assert not np.array_equal(images[0], images[2])  # rows sharing a seed are one batch: two different sevens
+        assert np.array_equal(model.predict(request), images)  # the same request, the same images
+        assert np.array_equal(model.predict(request.iloc[:1]), images[:1])  # the first row of a seed's batch alone
+        with pytest.raises(mlflow.exceptions.MlflowException, match=r"row 0: 'steps' must be an integer in \[1, 100\], got 0"):
+            model.predict(pd.DataFrame({"class": ["1"], "steps": [0]}))
+    finally:
+        mlflow.set_tracking_uri(None)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve_env = {**env, "MLFLOW_TRACKING_URI": uri}
+    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", "models:/digit-diffusion@champion",
+                               "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)], cwd=dst, env=serve_env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+    def post(records):
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", json.dumps({"dataframe_records": records}).encode(),
+                                     {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and server.poll() is None:
+            try:
+                if urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2).status == 200:
+                    break
+            except OSError:
+                time.sleep(0.5)
+        assert server.poll() is None, server.stderr.read()[-3000:]
+        status, body = post([{"class": "7"}])
+        assert status == 200, body
+        assert np.asarray(body["predictions"]).shape == (1, 1, 28, 28) and np.asarray(body["predictions"]).max() > 0
+        assert np.array_equal(np.asarray(body["predictions"], dtype=np.uint8), images[:1])  # the same seven as in process
+        status, body = post([{"class": "unicorn"}])
+        assert status == 400 and "row 0: 'class'" in body["message"] and "unicorn" in body["message"], body
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
 
 
 def test_draw_a_digit_on_request(repo):

@@ -337,3 +337,39 @@ def test_a_batch_whose_answer_was_lost_is_resent_without_doubling_points(tmp_pat
     finally:
         mlflow.set_tracking_uri(None)
     assert sorted(m.step for m in history) == list(range(1, 41))
+
+
+def test_orphaned_runs_are_ended_killed_and_live_or_foreign_ones_left_alone(tmp_path):
+    """close_orphans, on a real SQLite store: RUNNING runs whose stage process is gone (here: a
+    process that exited) end KILLED with a reason; a live process's run, another host's, a finished
+    run and a run without the tags are left as they were."""
+    import mlflow
+
+    from diffusion_core.tracking import close_orphans
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        client = mlflow.MlflowClient()
+        exp = client.create_experiment("orphans")
+        gone = subprocess.Popen([sys.executable, "-c", "pass"])
+        gone.wait()
+        alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        host = socket.gethostname()
+        try:
+            runs = {name: client.create_run(exp, tags=tags).info.run_id for name, tags in {
+                "orphan": {"stage_host": host, "stage_pid": str(gone.pid)},
+                "live": {"stage_host": host, "stage_pid": str(alive.pid)},
+                "other host": {"stage_host": host + "-elsewhere", "stage_pid": str(gone.pid)},
+                "untagged": {},
+                "finished": {"stage_host": host, "stage_pid": str(gone.pid)},
+            }.items()}
+            client.set_terminated(runs["finished"])
+            assert close_orphans(client, exp) == [runs["orphan"]]
+            status = {name: client.get_run(rid).info.status for name, rid in runs.items()}
+        finally:
+            alive.kill()
+            alive.wait()
+        assert status == {"orphan": "KILLED", "live": "RUNNING", "other host": "RUNNING", "untagged": "RUNNING", "finished": "FINISHED"}
+        assert f"pid {gone.pid}" in client.get_run(runs["orphan"]).data.tags["ended_by"]
+    finally:
+        mlflow.set_tracking_uri(None)
