@@ -2,7 +2,7 @@
 
 A request is a DataFrame (over REST: ``{"dataframe_records": [{"class": "seven"}, ...]}``) with a
 column ``class`` (a class name, any case, or its index, as text) and optional columns ``guidance``
-(w), ``steps`` and ``seed``; missing values take the sampling settings the model was trained with
+(w), ``steps``, ``sampler`` and ``seed``; missing values take the sampling settings the model was trained with
 (its ``sample`` params; seed 0). The answer is uint8 images ``[N, C, H, W]`` (0-255), one per row,
 in order. Rows that share guidance, steps and seed are drawn as one batch from one generator seeded
 with that seed: the same request draws the same images, sixteen rows of "seven" draw sixteen
@@ -35,18 +35,22 @@ def bad_request(message: str) -> Exception:
     return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
 
 
-def parse_request(frame: pd.DataFrame, class_names: list[str], timesteps: int, defaults: dict[str, Any]) -> list[tuple[int, float, int, int]]:
-    """Each row as (class index, guidance w, steps, seed), checked; a bad one raises :func:`bad_request`."""
+COLUMNS = ("class", "guidance", "steps", "sampler", "seed")
+
+
+def parse_request(frame: pd.DataFrame, class_names: list[str], timesteps: int, defaults: dict[str, Any]) -> list[tuple[int, float, int, str, int]]:
+    """Each row as (class index, guidance w, steps, sampler, seed), checked; a bad one raises :func:`bad_request`."""
     from diffusion_core.pipeline import class_index
+    from diffusion_core.samplers import SAMPLERS
 
     if not isinstance(frame, pd.DataFrame) or "class" not in frame.columns:
         raise bad_request("a request is a table with a 'class' column (a class name or index) and optional "
-                          "'guidance', 'steps' and 'seed' columns")
+                          "'guidance', 'steps', 'sampler' and 'seed' columns")
     if not 1 <= len(frame) <= MAX_ROWS:
         raise bad_request(f"a request asks for 1 to {MAX_ROWS} images, got {len(frame)} rows")
-    unknown = sorted(set(frame.columns) - {"class", "guidance", "steps", "seed"})
+    unknown = sorted(set(frame.columns) - set(COLUMNS))
     if unknown:
-        raise bad_request(f"unknown column {unknown[0]!r}: use 'class', 'guidance', 'steps', 'seed'")
+        raise bad_request(f"unknown column {unknown[0]!r}: use {', '.join(map(repr, COLUMNS))}")
     rows = []
     for i, row in enumerate(frame.to_dict("records")):
         def value(key, default):
@@ -58,13 +62,16 @@ def parse_request(frame: pd.DataFrame, class_names: list[str], timesteps: int, d
         except ValueError as exc:
             raise bad_request(f"row {i}: 'class': {exc}") from None
         w, steps, seed = value("guidance", defaults["guidance_scale"]), value("steps", defaults["steps"]), value("seed", 0)
+        sampler = value("sampler", defaults["sampler"])
+        if sampler not in SAMPLERS:
+            raise bad_request(f"row {i}: 'sampler' must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
         if isinstance(w, bool) or not isinstance(w, (int, float, np.number)) or not math.isfinite(w) or w < 0:
             raise bad_request(f"row {i}: 'guidance' must be a number >= 0, got {w!r}")
         if isinstance(steps, bool) or not float(steps).is_integer() or not 1 <= int(steps) <= timesteps:
             raise bad_request(f"row {i}: 'steps' must be an integer in [1, {timesteps}], got {steps!r}")
         if isinstance(seed, bool) or not float(seed).is_integer() or not 0 <= int(seed) < 2**63:
             raise bad_request(f"row {i}: 'seed' must be an integer >= 0, got {seed!r}")
-        rows.append((c, float(w), int(steps), int(seed)))
+        rows.append((c, float(w), int(steps), sampler, int(seed)))
     return rows
 
 
@@ -84,11 +91,11 @@ class DiffusionModel(mlflow.pyfunc.PythonModel):
         settings = sampling_kwargs(pipe.config.sample)
         rows = parse_request(model_input, pipe.class_names, pipe.diffusion.timesteps, settings)
         out = np.empty((len(rows), *pipe.image_shape), dtype=np.uint8)
-        groups: dict[tuple[float, int, int], list[int]] = {}
-        for i, (_, w, steps, seed) in enumerate(rows):  # rows asking for the same settings are drawn together
-            groups.setdefault((w, steps, seed), []).append(i)
-        for (w, steps, seed), idx in groups.items():
-            images = pipe([rows[i][0] for i in idx], **{**settings, "guidance_scale": w, "steps": steps}, seed=seed)
+        groups: dict[tuple[float, int, str, int], list[int]] = {}
+        for i, row in enumerate(rows):  # rows asking for the same settings are drawn together
+            groups.setdefault(row[1:], []).append(i)
+        for (w, steps, sampler, seed), idx in groups.items():
+            images = pipe([rows[i][0] for i in idx], **{**settings, "guidance_scale": w, "steps": steps, "sampler": sampler}, seed=seed)
             out[idx] = to_uint8(images).numpy()
         return out
 
@@ -97,8 +104,8 @@ def signature(image_shape: tuple[int, int, int]):
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema, TensorSpec
 
-    inputs = Schema([ColSpec("string", "class"), ColSpec("double", "guidance", required=False),
-                     ColSpec("long", "steps", required=False), ColSpec("long", "seed", required=False)])
+    inputs = Schema([ColSpec("string", "class"), ColSpec("double", "guidance", required=False), ColSpec("long", "steps", required=False),
+                     ColSpec("string", "sampler", required=False), ColSpec("long", "seed", required=False)])
     return ModelSignature(inputs=inputs, outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, *image_shape))]))
 
 

@@ -288,3 +288,22 @@ def easiest_hardest_paragraph(ranking: pd.DataFrame, judge: str, noun: str = "di
     else:
         text += f"No {cls} falls below the judge's accuracy on real {items} of the same class."
     return text
+
+
+COMPARISON_TABLES = ("per_class_accuracy", "recognizability", "guidance_sweep")
+
+
+def comparison_tables(per_class: pd.DataFrame, curve: pd.DataFrame | None, sweep: pd.DataFrame | None) -> dict[str, pd.DataFrame]:
+    """The tables ``dvc plots diff`` draws side by side across experiments (dvc.yaml's ``plots:``):
+    the first judge's accuracy per class on generated and real images; its recognizability curve
+    over all classes (accuracy of x_t and of the predicted x0 at each fraction of the reverse
+    process); the guidance sweep (accuracy and FD against w). A missing input gives an empty table."""
+    tables = {"per_class_accuracy": per_class[["name", "accuracy_generated", "accuracy_real"]]}
+    rec = pd.DataFrame(columns=["fraction", "accuracy_x_t", "accuracy_x0_pred"])
+    if curve is not None and not curve.empty:
+        wide = curve[curve["class"] == "all"].pivot(index="fraction", columns="image", values="accuracy")
+        rec = wide.rename(columns=lambda c: f"accuracy_{c}").reset_index()[rec.columns]
+    tables["recognizability"] = rec
+    cols = ["guidance_scale", "accuracy", "frechet_distance"]
+    tables["guidance_sweep"] = sweep[sweep["sweep"] == "guidance"][cols] if sweep is not None else pd.DataFrame(columns=cols)
+    return tables

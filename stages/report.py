@@ -452,6 +452,8 @@ def main(
         md += section_limitations(m_sample, m_train, stats, head, T, noun)
         report_path = out / "report.md"
         report_path.write_text("\n".join(md))
+        for name, table in R.comparison_tables(pd.read_csv(eval_dir / slug(judge) / "per_class.csv"), curve, sweep).items():
+            table.to_csv(out / "plots" / f"{name}.csv", index=False)
         runs_index(out / "runs.md")
         tracking.safe.log_artifact(str(report_path), "report")
         tracking.safe.log_artifacts(str(fig_dir), "report/figures")

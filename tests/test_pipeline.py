@@ -226,8 +226,12 @@ def test_the_champion_model_loads_through_pyfunc_and_answers_rest_requests(repo)
         assert status == 200, body
         assert np.asarray(body["predictions"]).shape == (1, 1, 28, 28) and np.asarray(body["predictions"]).max() > 0
         assert np.array_equal(np.asarray(body["predictions"], dtype=np.uint8), images[:1])  # the same seven as in process
-        status, body = post([{"class": "unicorn"}])
-        assert status == 400 and "row 0: 'class'" in body["message"] and "unicorn" in body["message"], body
+        for bad, field in (({"class": "unicorn"}, "'class'"), ({"class": "7", "guidance": -1.0}, "'guidance' must be a number >= 0"),
+                           ({"class": "7", "sampler": "euler"}, "'sampler' must be one of ddpm, ddim, dpm++2m")):
+            status, body = post([{"class": "1"}, bad])
+            assert status == 400 and f"row 1: {field}" in body["message"], body
+        status, body = post([{"class": "seven", "sampler": "ddim", "steps": 4, "guidance": 2.0}])  # still serving
+        assert status == 200 and np.asarray(body["predictions"]).shape == (1, 1, 28, 28)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
@@ -330,3 +334,41 @@ def test_repro_force_from_scratch_gives_identical_metrics_and_samples(repo):
     assert after.keys() == before.keys()
     for key in before:
         assert after[key] == before[key], key
+
+
+def test_two_queued_experiments_run_in_parallel_into_one_database_and_their_plots_compare(repo):
+    """`dvc exp run --queue` twice, then `--run-all -j 2`: both experiments complete, each is one
+    finished MLflow run in the repository's mlflow.db (not in the queue's temporary copies), no run is
+    left RUNNING, and `dvc plots diff` draws their per-class accuracy, recognizability and sweep side by side."""
+    import json
+
+    dst, env, _ = repo
+    runs, con = mlflow_runs(dst / "mlflow.db")
+    con.close()
+    before = {r[0] for r in runs}
+    for w in ("0.5", "2.5"):
+        run(["dvc", "exp", "run", "--queue", "-n", f"w{w.replace('.', '')}", "-S", f"sample.guidance_scale={w}"], dst, env=env)
+    run(["dvc", "exp", "run", "--run-all", "-j", "2"], dst, env=env)
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], dst, env=env).stdout)
+    names = {e["name"]: e for base in shown for e in (base.get("experiments") or []) for e in [e["revs"][0]] if e.get("name")}
+    assert {"w05", "w25"} <= set(names), sorted(names)
+    for n in ("w05", "w25"):  # each with its own judged metrics
+        assert names[n].get("error") is None and names[n]["data"]["metrics"]["reports/metrics/evaluate.json"]["data"], names[n]
+
+    runs, con = mlflow_runs(dst / "mlflow.db")
+    try:
+        new = [r for r in runs if r[0] not in before]
+        assert len(new) == 2
+        for run_id, *_ in new:
+            tags = dict(con.execute("select key, value from tags where run_uuid=?", (run_id,)).fetchall())
+            assert tags["stage.report"] == "done" and tags["dvc_exp_name"] in ("w05", "w25")
+        statuses = {s for (s,) in con.execute("select status from runs")}
+        assert "RUNNING" not in statuses, statuses
+    finally:
+        con.close()
+    assert not list(dst.glob(".dvc/tmp/exps/**/mlflow.db"))
+
+    diff = json.loads(run(["dvc", "plots", "diff", "w05", "w25", "--json"], dst, env=env).stdout)
+    for plot in ("per_class_accuracy_generated", "recognizability", "guidance_sweep_accuracy", "guidance_sweep_fd"):
+        revs = {rev for d in diff["data"][plot] for rev in d["revisions"]}
+        assert revs == {"w05", "w25"}, (plot, revs)
