@@ -143,3 +143,23 @@ def promote_if_best(client, name: str, model_run_id: str, accuracy: float, fd: f
             return False
     client.set_registered_model_alias(name, CHAMPION, version.version)
     return True
+
+
+def log_and_register(model_file: str | Path, class_names: list[str], image_shape: tuple[int, int, int]) -> bool:
+    """:func:`log_model` in the active run, registered under the experiment's name; best effort, like
+    all logging (:func:`diffusion_core.tracking.safe_call`)."""
+    from diffusion_core import tracking
+
+    return tracking.safe_call("logging the MLflow Model", log_model, model_file, class_names, image_shape, tracking.EXPERIMENT)
+
+
+def promote(run_id: str, accuracy: float, fd: float, judge: str) -> bool:
+    """:func:`promote_if_best` for the model the run ``run_id`` used (its ``model_run_id`` tag); best effort."""
+    from diffusion_core import tracking
+
+    def move() -> None:
+        client = mlflow.MlflowClient()
+        model_run = client.get_run(run_id).data.tags.get("model_run_id", run_id)
+        promote_if_best(client, tracking.EXPERIMENT, model_run, accuracy, fd, judge)
+
+    return tracking.safe_call("moving the champion alias", move)

@@ -333,10 +333,11 @@ def run_name(flat: dict[str, Any]) -> str:
 def _copy_run(client, src_id: str, stage: str, name: str | None = None) -> str:
     """A new run holding what the stages before ``stage`` logged to ``src_id``.
 
-    Their params (by dvc.yaml, :func:`stage_entries`), their metric histories (loss curves included) and tags are copied; the
-    trained model stays an artifact of the run that trained it (tag ``model_run_id``).
+    Their params (by dvc.yaml, :func:`stage_entries`), their metric histories (loss curves included), tags and
+    dataset inputs are copied, and the trained model is linked as the new run's model too (MLflow's
+    runs table shows it in the Models column); the run that trained it stays in the tag ``model_run_id``.
     """
-    from mlflow.entities import Metric, Param
+    from mlflow.entities import LoggedModelOutput, Metric, Param
 
     earlier = _earlier(stage)
     src = client.get_run(src_id)
@@ -359,6 +360,11 @@ def _copy_run(client, src_id: str, stage: str, name: str | None = None) -> str:
         metrics = [Metric(m.key, m.value, m.timestamp, m.step) for m in history]
         for i in range(0, len(metrics), 900):
             client.log_batch(new_id, metrics=metrics[i : i + 900])
+    if src.inputs.dataset_inputs:
+        client.log_inputs(new_id, datasets=src.inputs.dataset_inputs)
+    models = [m.model_id for m in (src.outputs.model_outputs if src.outputs else [])]
+    if models:
+        client.log_outputs(new_id, [LoggedModelOutput(m, 0) for m in dict.fromkeys(models)])
     return new_id
 
 
@@ -383,29 +389,6 @@ def _log_splits(data_dir: str | Path, source: str) -> None:
         dataset = mlflow.data.from_numpy(tensors["images"].numpy(), targets=tensors["labels"].numpy(),
                                          source=str(path.resolve()), name=f"{source}/{split}")
         mlflow.log_input(dataset, context=SPLIT_CONTEXTS[split])
-
-
-def log_model(model_file: str | Path, class_names: list[str], image_shape: tuple[int, int, int]) -> bool:
-    """Log the trained model as the active run's MLflow Model and register it as a new version of the
-    registered model named after the experiment (:mod:`diffusion_core.mlflow_model`). Best effort."""
-    from diffusion_core import mlflow_model
-
-    return safe_call("logging the MLflow Model", mlflow_model.log_model, model_file, class_names, image_shape, EXPERIMENT)
-
-
-def promote_model(run_id: str, accuracy: float, fd: float, judge: str) -> bool:
-    """Record the judged numbers on the model version this run's model was registered as, and move
-    the ``champion`` alias to it if it is the best judged so far. Best effort."""
-    from mlflow.tracking import MlflowClient
-
-    from diffusion_core import mlflow_model
-
-    def promote() -> None:
-        client = MlflowClient()
-        model_run = client.get_run(run_id).data.tags.get("model_run_id", run_id)
-        mlflow_model.promote_if_best(client, EXPERIMENT, model_run, accuracy, fd, judge)
-
-    return safe_call("moving the champion alias", promote)
 
 
 def _process_alive(pid: int) -> bool:

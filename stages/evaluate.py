@@ -166,7 +166,9 @@ def main(
         write_json(metrics, summary)
         tracking.safe.log_artifacts(str(out), "evaluation")
         first = summary[slug(c.models[0])]
-        tracking.promote_model(run_id, first["accuracy_generated"], first["frechet_distance"], c.models[0])
+        from diffusion_core import mlflow_model  # imports mlflow: only once the run is open
+
+        mlflow_model.promote(run_id, first["accuracy_generated"], first["frechet_distance"], c.models[0])
         typer.echo(f"MLflow run {run_id}")
 
 

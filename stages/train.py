@@ -151,7 +151,9 @@ def train_and_log(cfg, trainer: Trainer, stats: dict, data_dir: Path, resume: bo
         write_csv(plots / "train_loss.csv", [{"step": r["step"], "epoch": r["epoch"], "loss": r["loss"], "lr": r["lr"]} for r in result.history.train])
         write_csv(plots / "val_loss.csv", result.history.val)
         tracking.safe.log_metrics({f"train/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
-        tracking.log_model(out / "model.pt", stats["class_names"], (stats["channels"], stats["size"], stats["size"]))
+        from diffusion_core import mlflow_model  # imports mlflow: only once the run is open
+
+        mlflow_model.log_and_register(out / "model.pt", stats["class_names"], (stats["channels"], stats["size"], stats["size"]))
         tracking.safe.log_artifact(str(metrics), "metrics")
         where = f" on {trainer.world} processes" if trainer.world > 1 else ""
         typer.echo(

@@ -157,6 +157,9 @@ def test_changing_guidance_reruns_only_sampling_and_later_and_makes_a_new_run(re
         assert n_loss == 20  # the loss curve travels with the copied run
         tags = dict(con.execute("select key, value from tags where run_uuid=?", (new,)).fetchall())
         assert tags["copied_from_run"] == runs[0][0] and tags.get("dvc_exp_name")
+        datasets = con.execute("select count(*) from inputs where destination_id=? and source_type='DATASET'", (new,)).fetchone()[0]
+        models = con.execute("select count(*) from inputs where source_id=? and source_type='RUN_OUTPUT'", (new,)).fetchone()[0]
+        assert (datasets, models) == (3, 1)  # the copied run names the data and the model it used
     finally:
         con.close()
 
