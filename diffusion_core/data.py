@@ -220,6 +220,16 @@ def load_source(source: str, root: str = "data/raw", download: bool = True, imag
     return spec, raw
 
 
+def known_geometry(source: str, image_size: int = 0) -> tuple[tuple[int, int, int], int] | None:
+    """((C, H, W), number of classes) of a built-in source (at ``image_size`` if given), before any
+    data is read; None for your own images, whose geometry only the data (or a trained model) tells."""
+    spec = DATASETS.get(source)
+    if spec is None:
+        return None
+    size = image_size or spec.size
+    return (spec.channels, size, size), spec.num_classes
+
+
 def article(name: str) -> str:
     """'a' or 'an' before ``name`` (by its first letter; enough for these class names)."""
     return "an" if name[:1].lower() in "aeiou" else "a"

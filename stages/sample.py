@@ -26,7 +26,7 @@ import typer
 
 from diffusion_core import budget, tracking
 from diffusion_core.config import ConfigError, load_config, sampling_kwargs
-from diffusion_core.data import DATASETS, to_uint8
+from diffusion_core.data import DATASETS, known_geometry, to_uint8
 from diffusion_core.images import save_grid
 from diffusion_core.pipeline import DiffusionPipeline, class_index
 from diffusion_core.runtime import precision_name, resolve_device, sampling_dtype
@@ -157,8 +157,12 @@ def main(
         budget.check([budget.drawn_images("--count", count, count, pipe.image_shape)], (out or Path(".")).parent)
         draw_on_request(cfg, pipe, resolve_class(pipe.class_names, klass, digit), count, seed, out)
         return
+    geometry = known_geometry(cfg.data.source, cfg.data.image_size)  # a built-in source: checked before loading anything
+    if geometry:
+        budget.check(budget.sample_needs(cfg.sample, *geometry), out_dir)
     pipe = DiffusionPipeline.from_pretrained(model_path, device, expect=cfg)
-    budget.check(budget.sample_needs(cfg.sample, pipe.image_shape, len(pipe.class_names)), out_dir)
+    if not geometry:
+        budget.check(budget.sample_needs(cfg.sample, pipe.image_shape, len(pipe.class_names)), out_dir)
     with tracking.stage_run("sample", model_path.parent / "run.json", out_dir / "run.json",
                             tracking.stage_params(cfg.flat(), "sample"), tracking.run_name(cfg.flat())) as run_id:
         draw_pipeline_samples(cfg, pipe, out_dir, metrics, device)

@@ -33,7 +33,8 @@ OUTPUTS = [
     "samples/samples.npz", "samples/grid.png", "samples/trajectory.npz", "samples/run.json",
     "evaluation/digit-clip/per_class.csv", "sweep/results.csv",
     "reports/metrics/train.json", "reports/metrics/train_clip.json", "reports/metrics/sample.json", "reports/metrics/evaluate.json",
-    "reports/plots/train_loss.csv", "reports/plots/val_loss.csv",
+    "reports/plots/train_loss.csv", "reports/plots/val_loss.csv", "reports/plots/per_class_accuracy.csv",
+    "reports/plots/recognizability.csv", "reports/plots/guidance_sweep.csv",
     "reports/report.md", "reports/figures/x.png", "reports/runs.md",
 ]
 

@@ -126,7 +126,9 @@ def test_runs_land_on_a_real_server_and_a_server_dying_mid_run_costs_nothing(tmp
     steps = json.loads((a / "reports/metrics/train.json").read_text())["steps"]
     assert steps == 80 and len(c.get_metric_history(r.info.run_id, "train/loss")) == steps
     assert "sample/seconds_per_image" in r.data.metrics
-    assert "model" in {f.path for f in c.list_artifacts(r.info.run_id)}
+    assert len(r.outputs.model_outputs) == 1  # the MLflow Model, logged and registered
+    assert [m.name for m in c.search_logged_models(experiment_ids=[r.info.experiment_id])] == ["model"]
+    assert [v.version for v in c.search_model_versions("name = 'digit-diffusion'")] in (["1"], [1])
     assert '"tracking_complete": true' in (a / "models" / "run.json").read_text()
 
     # 2. the same training, its server killed (SIGKILL) after the first checkpoint
