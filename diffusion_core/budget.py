@@ -15,6 +15,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 from diffusion_core.errors import ConfigError
 
@@ -90,6 +91,19 @@ def trajectory(key: str, value: int, count: int, points: int, shape: tuple[int, 
     and the float16 copies written."""
     values = 2 * points * count * math.prod(shape)
     return Need(key, value, f"the trajectories of {count:,} images at {points} points", memory=values * (2 * 4 + 2), disk=values * 2)
+
+
+def check_around_load(geometry: tuple[tuple[int, ...], int] | None, needs: Callable[[tuple[int, ...], int], list[Need]],
+                      out_dir: str | Path, load: Callable[[], Any]) -> Any:
+    """``load()`` a model whose use ``needs(image_shape, num_classes)``, checked (:func:`check`) before
+    loading when ``geometry`` (shape, classes) is known ahead (built-in sources), else from the loaded
+    model's ``image_shape`` and ``class_names`` (your own images). Returns what ``load`` returned."""
+    if geometry:
+        check(needs(*geometry), out_dir)
+    model = load()
+    if not geometry:
+        check(needs(model.image_shape, len(model.class_names)), out_dir)
+    return model
 
 
 def sample_needs(sample, shape: tuple[int, ...], num_classes: int) -> list[Need]:

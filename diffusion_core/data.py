@@ -282,18 +282,9 @@ def stratified_split(
     return {n: np.sort(np.concatenate(p)) for n, p in parts.items()}
 
 
-def build_splits(
-    source: str,
-    root: str = "data/raw",
-    seed: int = 0,
-    val_fraction: float = 0.1,
-    test_fraction: float = 0.1,
-    download: bool = True,
-    limit: int = 0,
-    image_size: int = 0,
-) -> dict[str, dict[str, torch.Tensor]]:
-    """Load ``source`` and split it into train/val/test: ``{split: {"images", "labels"}}`` (see :func:`build_dataset`)."""
-    return build_dataset(source, root, seed, val_fraction, test_fraction, download, limit, image_size)[1]
+def build_splits(*args: Any, **kwargs: Any) -> dict[str, dict[str, torch.Tensor]]:
+    """:func:`build_dataset`'s splits alone (same arguments): ``{split: {"images", "labels"}}``."""
+    return build_dataset(*args, **kwargs)[1]
 
 
 def build_dataset(

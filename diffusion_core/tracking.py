@@ -371,21 +371,22 @@ def _copy_run(client, src_id: str, stage: str, name: str | None = None) -> str:
 SPLIT_CONTEXTS = {"train": "training", "val": "validation", "test": "testing"}
 
 
-def log_splits(data_dir: str | Path, source: str) -> bool:
+def log_splits(data_dir: str | Path, source: str, loaded: dict[str, dict] | None = None) -> bool:
     """Log the prepared splits as the active run's dataset inputs (mlflow.data NumPy datasets named
     ``<source>/<split>``, their source the split's file, the split as context), so the runs table
-    shows which data each run saw and runs on other data are told apart. Best effort, like all logging."""
-    return safe_call("logging the data splits", _log_splits, data_dir, source)
+    shows which data each run saw and runs on other data are told apart. ``loaded``: splits the
+    caller already read (the others are read from ``data_dir``). Best effort, like all logging."""
+    return safe_call("logging the data splits", _log_splits, data_dir, source, loaded or {})
 
 
-def _log_splits(data_dir: str | Path, source: str) -> None:
+def _log_splits(data_dir: str | Path, source: str, loaded: dict[str, dict]) -> None:
     import mlflow
 
     from diffusion_core.data import SPLITS, load_split
 
     for split in SPLITS:
         path = Path(data_dir) / f"{split}.pt"
-        tensors = load_split(data_dir, split)
+        tensors = loaded.get(split) or load_split(data_dir, split)
         dataset = mlflow.data.from_numpy(tensors["images"].numpy(), targets=tensors["labels"].numpy(),
                                          source=str(path.resolve()), name=f"{source}/{split}")
         mlflow.log_input(dataset, context=SPLIT_CONTEXTS[split])

@@ -157,12 +157,9 @@ def main(
         budget.check([budget.drawn_images("--count", count, count, pipe.image_shape)], (out or Path(".")).parent)
         draw_on_request(cfg, pipe, resolve_class(pipe.class_names, klass, digit), count, seed, out)
         return
-    geometry = known_geometry(cfg.data.source, cfg.data.image_size)  # a built-in source: checked before loading anything
-    if geometry:
-        budget.check(budget.sample_needs(cfg.sample, *geometry), out_dir)
-    pipe = DiffusionPipeline.from_pretrained(model_path, device, expect=cfg)
-    if not geometry:
-        budget.check(budget.sample_needs(cfg.sample, pipe.image_shape, len(pipe.class_names)), out_dir)
+    pipe = budget.check_around_load(known_geometry(cfg.data.source, cfg.data.image_size),
+                                    lambda shape, k: budget.sample_needs(cfg.sample, shape, k), out_dir,
+                                    lambda: DiffusionPipeline.from_pretrained(model_path, device, expect=cfg))
     with tracking.stage_run("sample", model_path.parent / "run.json", out_dir / "run.json",
                             tracking.stage_params(cfg.flat(), "sample"), tracking.run_name(cfg.flat())) as run_id:
         draw_pipeline_samples(cfg, pipe, out_dir, metrics, device)

@@ -43,18 +43,12 @@ def main(
     runs = [("guidance", s.sampler, s.steps, g) for g in w.guidance_scales]
     runs += [("sampler", *sampler_spec(e, cfg.diffusion.timesteps), s.guidance_scale) for e in w.samplers]
     draws = len({run[1:] for run in runs})  # each distinct (sampler, steps, w) is drawn once and kept
-
-    def check_budget(shape: tuple[int, int, int], num_classes: int) -> None:
-        budget.check([budget.drawn_images("sweep.per_class", w.per_class, w.per_class * num_classes, shape, settings=draws)], out.parent)
-
-    geometry = known_geometry(cfg.data.source, cfg.data.image_size)  # a built-in source: checked before loading anything
-    if geometry:
-        check_budget(*geometry)
     device = resolve_device(cfg.train.device)
-    pipe = DiffusionPipeline.from_pretrained(model_path, device, expect=cfg)
+    pipe = budget.check_around_load(
+        known_geometry(cfg.data.source, cfg.data.image_size),
+        lambda shape, k: [budget.drawn_images("sweep.per_class", w.per_class, w.per_class * k, shape, settings=draws)], out.parent,
+        lambda: DiffusionPipeline.from_pretrained(model_path, device, expect=cfg))
     names = pipe.class_names
-    if not geometry:
-        check_budget(pipe.image_shape, len(names))
     prompt_names, templates = dataset_prompts(read_json(data / "stats.json"))
     judge = load_judge("digit-clip", device, digit_clip, expect_classes=prompt_names)
     text = text_embeddings(judge, prompt_names, templates)

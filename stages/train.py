@@ -106,7 +106,7 @@ def main(
             typer.echo(f"training on {trainer.device} in {trainer.precision}{compiled}")
             if not resume:
                 shutil.rmtree(out / "grids", ignore_errors=True)
-            train_and_log(cfg, trainer, stats, data, resume, out, metrics, plots)
+            train_and_log(cfg, trainer, stats, data, {"train": train, "val": val}, resume, out, metrics, plots)
         else:  # other ranks: train alongside rank 0, write nothing, log nothing
             if resume:
                 trainer.load_checkpoint(trainer.checkpoint_path)
@@ -115,15 +115,17 @@ def main(
         trainer.close()
 
 
-def train_and_log(cfg, trainer: Trainer, stats: dict, data_dir: Path, resume: bool, out: Path, metrics: Path, plots: Path) -> None:
-    """Rank 0 (or the only process): train inside the MLflow run and write every output."""
+def train_and_log(cfg, trainer: Trainer, stats: dict, data_dir: Path, splits: dict[str, dict], resume: bool, out: Path,
+                  metrics: Path, plots: Path) -> None:
+    """Rank 0 (or the only process): train inside the MLflow run and write every output (``splits``:
+    the prepared splits already read from ``data_dir``)."""
     flat = cfg.flat()
     with tracking.stage_run("train", None, out / "run.json", tracking.stage_params(flat, "train"), tracking.run_name(flat)) as run_id:
         logger = MlflowLogger()
         trainer.on_step, trainer.on_epoch = logger.on_step, logger.on_epoch
         tracking.safe.set_tag("data.source", cfg.data.source)
         tracking.safe.log_dict(stats, "data/stats.json")
-        tracking.log_splits(data_dir, cfg.data.source)
+        tracking.log_splits(data_dir, cfg.data.source, splits)
         if resume:  # the restored history goes into this run too, so its curves are complete
             trainer.load_checkpoint(trainer.checkpoint_path)
             for r in trainer.history.train:
