@@ -8,6 +8,7 @@ import platform
 import shutil
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -19,7 +20,31 @@ SHARED_MNIST = Path(os.environ.get("BENCH_MNIST_GZ", REPO.parent / "shared" / "d
 CACHE = REPO / "bench" / ".cache"
 
 
-def machine() -> str:
+# --isa: the instruction sets ATen (its CPU kernels, inductor's generated code) and oneDNN may use.
+# "avx2" holds both to AVX2, as on a CPU without AVX-512 or AMX (most laptops, AMD EPYC before Zen 4).
+ISAS = ("native", "avx2")
+_ISA_ENV = {"native": {}, "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}}
+
+
+def isa_env(isa: str) -> dict[str, str]:
+    """The environment variables that hold torch to ``isa`` (:data:`ISAS`); set them before torch starts."""
+    return dict(_ISA_ENV[isa])
+
+
+def cpu_flags() -> list[str]:
+    """This CPU's vector and matrix extensions that matter to torch: avx2, avx512f, avx512_bf16, amx_*."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+    return sorted(f for f in flags if f in ("avx2", "avx512f", "avx512_bf16") or f.startswith("amx"))
+
+
+def machine(isa: str | None = None) -> str:
+    """The CPU model, its flags, the instruction set torch's kernels use, torch and the threads. With
+    ``isa`` (:data:`ISAS`) the capability is the one a process started with :func:`isa_env` gets;
+    without, this process's (which a caller may have held through the environment)."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in open("/proc/cpuinfo"):
@@ -28,7 +53,16 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    if isa is None:
+        cap = torch.backends.cpu.get_cpu_capability()
+        held = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ}
+    else:
+        held = isa_env(isa)
+        cap = subprocess.run([sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
+                             env={**os.environ, **held}, capture_output=True, text=True).stdout.strip() or "unknown"
+    how = f"torch's CPU capability {cap}" + (f" (held: {', '.join(f'{k}={v}' for k, v in held.items())})" if held else "")
+    return (f"{cpu}, {os.cpu_count()} cores, flags {'/'.join(cpu_flags()) or 'none of avx2/avx512/amx'}, {how}, "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 
 
 def median_time(fn, repeats: int = 3) -> tuple[float, list[float]]:

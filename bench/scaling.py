@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import machine, md_table, time_train_steps  # noqa: E402
+from bench.common import ISAS, isa_env, machine, md_table, time_train_steps  # noqa: E402
 
 
 def one(spec: dict) -> dict:
@@ -74,7 +74,7 @@ class RowFailed(RuntimeError):
 
 
 def run(spec: dict) -> dict:
-    env = {**os.environ, **spec.get("env", {})}  # e.g. ONEDNN_MAX_CPU_ISA: hold oneDNN to an older instruction set
+    env = {**os.environ, **isa_env(spec.get("isa", "native")), **spec.get("env", {})}  # e.g. ONEDNN_MAX_CPU_ISA: hold oneDNN to an older instruction set
     out = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True, env=env)
     if out.returncode:
         status = f"killed by signal {-out.returncode}" if out.returncode < 0 else f"exit status {out.returncode}"
@@ -94,6 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     what.add_argument("--one", metavar="SPEC", help=argparse.SUPPRESS)  # a row in its own process (internal)
     ap.add_argument("--repeats", type=int, default=None, help="--levers: rounds over all variants (default 3)")
     ap.add_argument("--only", default=None, metavar="A,B", help="--levers: only the variants whose names contain one of these (params.yaml's row always runs)")
+    ap.add_argument("--isa", choices=ISAS, default="native",
+                    help="avx2: every row with ATen and oneDNN held to AVX2, as on a CPU without AVX-512 or AMX")
     args = ap.parse_args(argv)
     if (args.repeats is not None or args.only is not None) and not args.levers:
         ap.error("--repeats and --only go with --levers")
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         source = args.dataset
         ds, width, batch = DATASETS[source], ModelConfig().base_channels, 32
         try:
-            r = run({"width": width, "batch": batch, "dataset": source})
+            r = run({"width": width, "batch": batch, "dataset": source, "isa": args.isa})
         except RowFailed as exc:
             raise SystemExit(f"the {source} row failed: {exc}") from None
         rows.append({"dataset": source, "image": f"{ds.channels}x{ds.size}x{ds.size}", "width": width, "batch": batch,
@@ -127,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
             cmd += " (random uint8 images of CIFAR-10's shape with random horizontal flips; attention at 8x8)"
     elif args.levers:
         repeats = args.repeats
-        base = {"width": ModelConfig().base_channels, "batch": 32}
+        base = {"width": ModelConfig().base_channels, "batch": 32, "isa": args.isa}
         full_res = {"width": 16, "model": {"patch_size": 1, "channel_mult": [1, 2, 2], "attention_resolutions": [7]}}
         # Each row pins what its name says, so it means the same on any machine; the first is params.yaml
         # as this machine resolves it (train.compile/precision auto: compiled bf16 in NCHW on a CPU with AMX).
@@ -198,13 +200,15 @@ def main(argv: list[str] | None = None) -> None:
         for width in (8, 16, 32):
             for batch in (16, 32, 64, 128):
                 try:
-                    r = run({"width": width, "batch": batch})
+                    r = run({"width": width, "batch": batch, "isa": args.isa})
                 except RowFailed as exc:  # e.g. out of memory at a large batch: the other rows go on
                     r = {"runs_as": f"failed: {exc}"}
                 rows.append({"width": width, "batch": batch, **{k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()}})
                 print(rows[-1], file=sys.stderr)
         cmd = "python bench/scaling.py"
-    print(f"Machine: {machine()}\nCommand: `{cmd}`\n")
+    if args.isa != "native":
+        cmd += f" --isa {args.isa}"
+    print(f"Machine: {machine(args.isa)}\nCommand: `{cmd}`\n")
     print(md_table(rows))
 
 

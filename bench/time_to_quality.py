@@ -20,6 +20,13 @@ into bench/.cache; data.source, data.root and data.download are set for it) and 
 dataset's CNN (bench/mnist_judge.py --dataset), whose accuracy on the real test images is printed
 beside the generated images' as the ceiling, with the accuracy of each class. ``--keep DIR`` keeps
 the run's reports/ (the report, its figures, the metrics) in DIR.
+
+    python bench/time_to_quality.py --isa avx2 ...
+
+``--isa avx2`` runs every stage with ATen and oneDNN held to AVX2 (``ATEN_CPU_CAPABILITY=avx2``,
+``ONEDNN_MAX_CPU_ISA=AVX2``), as on a CPU without AVX-512 or AMX; ``auto`` settings then resolve as
+they would there (no AMX: no compiled bf16). The table's first line names the CPU, its flags and
+the capability torch used.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import REPO, git_snapshot, machine, md_table, parse_overrides, shared_torchvision_root  # noqa: E402
+from bench.common import ISAS, REPO, git_snapshot, isa_env, machine, md_table, parse_overrides, shared_torchvision_root  # noqa: E402
 from bench.mnist_judge import JUDGED, digit_accuracies, get_judge, judge, load_real, quality  # noqa: E402
 from diffusion_core.config import apply_overrides  # noqa: E402
 from diffusion_core.data import DATASETS  # noqa: E402
@@ -81,8 +88,9 @@ def run_stages(dst: Path, env: dict, force: bool = False, dataset: str = "mnist"
             "labels": labels, "digit_clip_test_accuracy": clip["zero_shot_accuracy_test"]}
 
 
-def one_run(overrides: dict, in_place: bool = False, force: bool = False, dataset: str = "mnist", keep: Path | None = None) -> dict:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+def one_run(overrides: dict, in_place: bool = False, force: bool = False, dataset: str = "mnist", keep: Path | None = None,
+            isa: str = "native") -> dict:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", **isa_env(isa)}
     env.pop("MLFLOW_TRACKING_URI", None)
     if in_place:  # the repository itself: its dvc.lock and reports become this run's
         env["PYTHONPATH"] = str(REPO)
@@ -106,6 +114,8 @@ def main() -> None:
                     help="mnist: the params as they are (mnist-5k by default), judged by the MNIST CNN; fashion-mnist: "
                     "the real Fashion-MNIST from ../shared, judged by its own CNN")
     ap.add_argument("--keep", type=Path, help="copy the (last) run's reports/ folder here")
+    ap.add_argument("--isa", choices=ISAS, default="native",
+                    help="avx2: hold ATen and oneDNN to AVX2 in every stage, as on a CPU without AVX-512 or AMX")
     ap.add_argument("--force", action="store_true", help="with --in-place: run every stage even if up to date (dvc repro --force; "
                     "models/checkpoint.pt is removed first so training starts from scratch)")
     args = ap.parse_args()
@@ -120,14 +130,15 @@ def main() -> None:
     ceiling = judge_ceiling(args.dataset)  # the judge is trained (and cached) before any timing
     if args.force and not args.in_place:
         raise SystemExit("--force: only with --in-place (a fresh copy runs every stage anyway)")
-    runs = [one_run(overrides, args.in_place, args.force, args.dataset, args.keep) for _ in range(args.runs)]
+    runs = [one_run(overrides, args.in_place, args.force, args.dataset, args.keep, args.isa) for _ in range(args.runs)]
     rows = [{"stage": s, "median_s": statistics.median(r["times"][s] for r in runs)} for s in STAGES]
     rows.append({"stage": "total", "median_s": statistics.median(r["total"] for r in runs)})
     qrows = [{k: r[k] for k in ("n", "accuracy", "worst_digit", "worst_digit_accuracy", "fd", "fd_real_vs_real", "fd_all_test", "fd_all_test_floor", "digit_clip_test_accuracy")} for r in runs]
     cmd = ("python bench/time_to_quality.py" + (" --in-place" if args.in_place else "") + (" --force" if args.force else "")
            + (f" --dataset {args.dataset}" if args.dataset != "mnist" else "") + (f" --runs {args.runs}" if args.runs != 1 else "")
-           + "".join(f" --set {s}" for s in args.set) + (f" --keep {args.keep}" if args.keep else ""))
-    print(f"Machine: {machine()}\nCommand: `{cmd}` ({args.runs} run(s); times are medians)\n")
+           + "".join(f" --set {s}" for s in args.set) + (f" --keep {args.keep}" if args.keep else "")
+           + (f" --isa {args.isa}" if args.isa != "native" else ""))
+    print(f"Machine: {machine(args.isa)}\nCommand: `{cmd}` ({args.runs} run(s); times are medians)\n")
     print(md_table(rows))
     print()
     print(md_table(qrows))

@@ -166,14 +166,44 @@ def sampling_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return amp_dtype(precision, device, compiled=True, key="sample.precision")  # auto on CPU: bf16 where AMX is
 
 
+# glibc's mallopt parameters (malloc.h) and the values :func:`keep_freed_memory` sets
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD = 32 << 20  # glibc's largest allowed value on 64-bit (4 * 1024 * 1024 * sizeof(long))
+TRIM_THRESHOLD = 1 << 30
+
+
+def keep_freed_memory() -> bool:
+    """Let the C allocator reuse freed blocks of up to 32 MiB instead of handing them back to the OS.
+
+    glibc serves a large block (a sampling batch's activations: 6-25 MiB) from fresh ``mmap`` pages
+    whenever its adaptive threshold is below the block's size, and gives the pages back on free, so
+    each forward pass pays page faults on every activation it writes. Fixing the thresholds keeps
+    those blocks in the heap for the next pass (docs/results/cpu-speed.md#sampling-and-the-c-allocator).
+    Process-wide and harmless to call again; True where it applied (Linux with glibc), else False."""
+    import ctypes
+    import ctypes.util
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    except (OSError, AttributeError):
+        return False
+
+
 @contextmanager
 def sampling_arithmetic(model: torch.nn.Module, precision: str):
     """Sample inside this block with ``model`` in ``sample.precision`` (:func:`sampling_dtype`):
     it puts the network in the layout measured fastest for that arithmetic (channels-last for
     float32 on CPU, else NCHW; the change outlasts the block) and autocasts its forward passes.
-    Yields the dtype, None for float32."""
+    Yields the dtype, None for float32. On CPU the C allocator keeps freed activations for the next
+    forward pass (:func:`keep_freed_memory`)."""
     device = next(model.parameters()).device
     dtype = sampling_dtype(precision, device)
+    if device.type == "cpu":
+        keep_freed_memory()
     model.set_channels_last(use_channels_last("auto", device, dtype))
     with autocast_to(device.type, dtype):
         yield dtype

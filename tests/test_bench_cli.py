@@ -107,3 +107,45 @@ def test_same_outputs_refuses_an_unknown_revision_and_masks_only_what_differs_be
     b = "| MLflow run | `" + "b" * 32 + "` |\n| training | 3750 steps in 97 s |\n| accuracy | 97.6% |"
     assert same_outputs.masked(a) == same_outputs.masked(b)
     assert same_outputs.masked(a) != same_outputs.masked(a.replace("97.6%", "97.5%"))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--out", "X", "--draw", "dpm++2m:10"], "--draw 'dpm++2m:10': expected SAMPLER:STEPS@W/LO-HI"),
+    (["--out", "X", "--draw", "dpm++2m:10@0.6/0.5-0.2"], "--draw: need 0 <= LO <= HI <= 1"),
+    (["--out", "X", "--seeds", "0,one"], "--seeds: expected comma-separated integers"),
+    (["--out", "X", "--per-class", "0"], "--per-class must be >= 1, got 0"),
+    (["--out", "X", "--set", "train.epochs=-1"], "train.epochs"),
+    (["--out", "X", "--isa", "sse2"], "invalid choice: 'sse2'"),
+])
+def test_seeds_refuses_bad_arguments_before_training(argv, message, capsys):
+    from bench import seeds
+
+    with pytest.raises(SystemExit) as exc:
+        seeds.parse_args(argv)
+    captured = capsys.readouterr()
+    assert message in str(exc.value) + captured.out + captured.err
+
+
+def test_seeds_defaults_to_params_yaml_sampler_settings():
+    from bench import seeds
+    from diffusion_core.config import load_config
+
+    s = load_config("params.yaml").sample
+    args = seeds.parse_args(["--out", "X"])
+    assert args.seed_list == [0, 1, 2]
+    assert seeds.parse_draw(args.draw[0]) == {"sampler": s.sampler, "steps": s.steps, "guidance_scale": s.guidance_scale,
+                                              "guidance_interval": tuple(s.guidance_interval)}
+
+
+def test_isa_avx2_holds_torch_to_avx2_and_the_machine_line_says_so():
+    """--isa avx2 (time_to_quality, scaling, seeds): a process started with isa_env('avx2') runs
+    ATen's AVX2 kernels, and the benchmarks' machine line names the CPU's flags and that capability."""
+    from bench.common import cpu_flags, isa_env, machine
+
+    if "avx2" not in cpu_flags():
+        pytest.skip("this CPU has no AVX2 (or no /proc/cpuinfo): nothing to hold torch to")
+    assert isa_env("avx2") == {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    assert isa_env("native") == {}
+    line = machine("avx2")
+    assert "torch's CPU capability AVX2 (held: ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2)" in line
+    assert "flags " in line and "avx2" in line.split("flags ", 1)[1]

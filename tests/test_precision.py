@@ -351,3 +351,40 @@ def test_a_train_step_never_reads_back_from_the_device(mnist5k, tmp_path, train)
     assert reads == []
     assert all(torch.is_tensor(v) and v.dim() == 0 for v in losses) and tr.step == 4
     assert torch.isfinite(torch.stack(losses)).all()
+
+
+ALLOCATOR_PROBE = """
+import resource, sys, torch
+from diffusion_core.pipeline import DiffusionPipeline
+from diffusion_core.unet import UNet
+from diffusion_core.diffusion import GaussianDiffusion
+if sys.argv[1] == "sample":  # the C allocator is set where sampling starts
+    pipe = DiffusionPipeline(UNet(image_size=8, base_channels=8, channel_mult=(1,), attention_resolutions=(), norm_groups=4),
+                             GaussianDiffusion(timesteps=10), (1, 8, 8))
+    pipe(torch.tensor([0]), steps=2)
+def blocks():  # activations of a sampling batch's size: 6-16 MiB, freed together
+    xs = [torch.ones(n) for n in (2_000_000, 3_000_000, 1_500_000, 4_000_000)]
+    del xs
+for _ in range(3):
+    blocks()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    blocks()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def test_sampling_keeps_freed_activations_instead_of_faulting_in_fresh_pages():
+    """After sampling starts (runtime.keep_freed_memory), blocks of a sampling batch's size are
+    reused from the heap: no page faults. Without it glibc hands them back and faults them in
+    again on every forward pass (tens of thousands of faults here)."""
+    import platform
+    import subprocess
+    import sys
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("the allocator setting applies to glibc on Linux only")
+    faults = {how: int(subprocess.run([sys.executable, "-c", ALLOCATOR_PROBE, how], capture_output=True, text=True, check=True).stdout)
+              for how in ("plain", "sample")}
+    assert faults["plain"] > 10_000, faults
+    assert faults["sample"] < 100, faults
