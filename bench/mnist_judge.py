@@ -1,13 +1,15 @@
 """Independent judges for the benchmarks: a small CNN trained on a dataset's full real training set.
 
-``--dataset mnist`` (the default; 60k digits) or ``fashion-mnist`` (60k clothing images), read from
-../shared/data. A benchmark tool, not the product's judge (the product uses CLIP). Trained once and
-cached in bench/.cache/ (mnist_cnn.pt, fashion-mnist_cnn.pt). Gives judged accuracy (overall, per
+``--dataset mnist`` (the default; 60k digits), ``fashion-mnist`` (60k clothing images) or ``cifar10``
+(50k colour images; ../shared/data/cifar10/cifar10.npz, cached as .npy), read from ../shared/data. A
+benchmark tool, not the product's judge (the product uses CLIP). Trained once and cached in
+bench/.cache/ (mnist_cnn.pt, fashion-mnist_cnn.pt, cifar10_cnn.pt). Gives judged accuracy (overall, per
 class) and a Frechet distance in its penultimate-layer feature space against the real test images.
 
     python bench/mnist_judge.py            # trains if needed, prints its accuracy on the test set
     python bench/mnist_judge.py --data-floor 200   # + the FD of 2,000 of the default's training digits
     python bench/mnist_judge.py --dataset fashion-mnist   # the Fashion-MNIST judge and its test accuracy
+    python bench/mnist_judge.py --dataset cifar10         # the CIFAR-10 judge (three stages, batch norm)
 """
 
 from __future__ import annotations
@@ -22,12 +24,18 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import CACHE, mnist_root, shared_torchvision_root  # noqa: E402
+from bench.common import CACHE, REPO, mnist_root, shared_torchvision_root  # noqa: E402
 from diffusion_core.clip_eval import frechet_distance  # noqa: E402
 
 WEIGHTS = CACHE / "mnist_cnn.pt"
-# per dataset: torchvision class, pixel mean and std (of its training set), training epochs
-JUDGED = {"mnist": ("MNIST", 0.1307, 0.3081, 2), "fashion-mnist": ("FashionMNIST", 0.2860, 0.3530, 6)}
+# per dataset: torchvision class (or the .npz file under ../shared/data), pixel mean and std (of its
+# training set), training epochs
+JUDGED = {"mnist": ("MNIST", 0.1307, 0.3081, 2), "fashion-mnist": ("FashionMNIST", 0.2860, 0.3530, 6),
+          "cifar10": ("cifar10.npz", 0.4734, 0.2516, 6)}
+# per dataset: input channels, image size, stage widths, batch norm (the grey sets keep the network
+# their cached weights were trained as)
+SHAPES = {"mnist": (1, 28, (32, 64), False), "fashion-mnist": (1, 28, (32, 64), False), "cifar10": (3, 32, (32, 64, 128), True)}
+SHARED_CIFAR = REPO.parent / "shared" / "data" / "cifar10" / "cifar10.npz"
 
 
 def weights_path(dataset: str) -> Path:
@@ -35,23 +43,49 @@ def weights_path(dataset: str) -> Path:
 
 
 class CNN(nn.Module):
-    def __init__(self) -> None:
+    """Stages of two 3x3 convolutions (+ batch norm) and ReLU, each halving the size by max-pooling,
+    then a 128-wide feature layer (the FD's feature space) and the class head."""
+
+    def __init__(self, in_channels: int = 1, size: int = 28, widths: tuple[int, ...] = (32, 64), batch_norm: bool = False) -> None:
         super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(64 * 7 * 7, 128), nn.ReLU(),
-        )
+        layers: list[nn.Module] = []
+        ch = in_channels
+        for width in widths:
+            for _ in range(2):
+                layers += [nn.Conv2d(ch, width, 3, padding=1), *([nn.BatchNorm2d(width)] if batch_norm else []), nn.ReLU()]
+                ch = width
+            layers.append(nn.MaxPool2d(2))
+            size //= 2
+        self.features = nn.Sequential(*layers, nn.Flatten(), nn.Linear(ch * size * size, 128), nn.ReLU())
         self.head = nn.Linear(128, 10)
 
     def forward(self, x):
         return self.head(self.features(x))
 
 
+def load_cifar10(train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """CIFAR-10's real training or test images (uint8 [N, 3, 32, 32]) and labels, from
+    ../shared/data/cifar10/cifar10.npz (LZMA, ~10 s), cached in bench/.cache/cifar10 as .npy."""
+    split = "train" if train else "test"
+    cache = CACHE / "cifar10"
+    x_path, y_path = cache / f"x_{split}.npy", cache / f"y_{split}.npy"
+    if not (x_path.is_file() and y_path.is_file()):
+        if not SHARED_CIFAR.is_file():
+            raise SystemExit(f"{SHARED_CIFAR} not found: the CIFAR-10 benchmarks need it there")
+        cache.mkdir(parents=True, exist_ok=True)
+        with np.load(SHARED_CIFAR) as f:
+            for part in ("train", "test"):
+                np.save(cache / f"x_{part}.npy", f[f"x_{part}"].transpose(0, 3, 1, 2).copy())
+                np.save(cache / f"y_{part}.npy", f[f"y_{part}"])
+    return torch.from_numpy(np.load(x_path)), torch.from_numpy(np.load(y_path)).long()
+
+
 def load_real(train: bool, dataset: str = "mnist") -> tuple[torch.Tensor, torch.Tensor]:
-    """A dataset's real training or test images (uint8 [N, 1, 28, 28]) and labels, from ../shared."""
+    """A dataset's real training or test images (uint8 [N, C, H, W]) and labels, from ../shared."""
     import torchvision
 
+    if dataset == "cifar10":
+        return load_cifar10(train)
     cls = getattr(torchvision.datasets, JUDGED[dataset][0])
     root = mnist_root() if dataset == "mnist" else shared_torchvision_root(dataset, JUDGED[dataset][0])
     ds = cls(str(root), train=train, download=False)
@@ -68,11 +102,17 @@ def prep(images_uint8: torch.Tensor, dataset: str = "mnist") -> torch.Tensor:
     return (x - mean) / std
 
 
+def make_cnn(dataset: str) -> CNN:
+    channels, size, widths, batch_norm = SHAPES[dataset]
+    return CNN(channels, size, widths, batch_norm)
+
+
 def train_judge(epochs: int | None = None, seed: int = 0, dataset: str = "mnist") -> CNN:
     torch.manual_seed(seed)
     epochs = epochs or JUDGED[dataset][3]
     x, y = load_real(True, dataset)
-    model = CNN()
+    colour = x.shape[1] == 3
+    model = make_cnn(dataset)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     steps = epochs * (len(y) // 128)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps)
@@ -86,6 +126,8 @@ def train_judge(epochs: int | None = None, seed: int = 0, dataset: str = "mnist"
             # small random shifts: generated digits are not always centred like MNIST's
             dx, dy = torch.randint(-2, 3, (2,), generator=g).tolist()
             xb = torch.roll(xb, shifts=(dy, dx), dims=(2, 3))
+            if colour and torch.rand((), generator=g) < 0.5:  # colour photos: mirror images are as real
+                xb = xb.flip(3)
             loss = F.cross_entropy(model(prep(xb, dataset)), y[idx])
             opt.zero_grad()
             loss.backward()
@@ -98,7 +140,7 @@ def train_judge(epochs: int | None = None, seed: int = 0, dataset: str = "mnist"
 
 def get_judge(dataset: str = "mnist") -> CNN:
     """The cached judge of ``dataset`` (trained and cached the first time)."""
-    model, path = CNN(), weights_path(dataset)
+    model, path = make_cnn(dataset), weights_path(dataset)
     if path.is_file():
         model.load_state_dict(torch.load(path, weights_only=True))
         model.dataset = dataset

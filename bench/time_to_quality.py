@@ -16,8 +16,9 @@ real training digits, with the generated set's count of each digit (bench/mnist_
     python bench/time_to_quality.py --dataset fashion-mnist --set ... [--keep DIR]
 
 ``--dataset fashion-mnist`` runs the pipeline on the real Fashion-MNIST (from ../shared, unpacked
-into bench/.cache; data.source, data.root and data.download are set for it) and judges with that
-dataset's CNN (bench/mnist_judge.py --dataset), whose accuracy on the real test images is printed
+into bench/.cache; data.source, data.root and data.download are set for it), ``--dataset cifar10`` on
+the real CIFAR-10 (../shared/data/cifar10/cifar10.npz through ``data.source: npz``, its Keras layout),
+and judges with that dataset's CNN (bench/mnist_judge.py --dataset), whose accuracy on the real test images is printed
 beside the generated images' as the ceiling, with the accuracy of each class. ``--keep DIR`` keeps
 the run's reports/ (the report, its figures, the metrics) in DIR.
 
@@ -48,7 +49,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import ISAS, REPO, git_snapshot, isa_env, machine, md_table, parse_overrides, shared_torchvision_root  # noqa: E402
-from bench.mnist_judge import JUDGED, digit_accuracies, get_judge, judge, load_real, quality  # noqa: E402
+from bench.mnist_judge import JUDGED, SHARED_CIFAR, digit_accuracies, get_judge, judge, load_real, quality  # noqa: E402
 from diffusion_core.config import apply_overrides  # noqa: E402
 from diffusion_core.data import DATASETS  # noqa: E402
 
@@ -125,8 +126,13 @@ def main() -> None:
     if args.dataset != "mnist":
         if args.in_place:
             raise SystemExit("--dataset: runs a fresh copy; drop --in-place")
-        root = shared_torchvision_root(args.dataset, JUDGED[args.dataset][0])
-        overrides = {"data.source": args.dataset, "data.root": str(root), "data.download": False, **overrides}
+        if args.dataset == "cifar10":  # the lossless npz in ../shared (torchvision cannot read it): the npz source
+            if not SHARED_CIFAR.is_file():
+                raise SystemExit(f"{SHARED_CIFAR} not found: --dataset cifar10 needs it there")
+            overrides = {"data.source": "npz", "data.root": str(SHARED_CIFAR), "data.download": False, **overrides}
+        else:
+            root = shared_torchvision_root(args.dataset, JUDGED[args.dataset][0])
+            overrides = {"data.source": args.dataset, "data.root": str(root), "data.download": False, **overrides}
     ceiling = judge_ceiling(args.dataset)  # the judge is trained (and cached) before any timing
     if args.force and not args.in_place:
         raise SystemExit("--force: only with --in-place (a fresh copy runs every stage anyway)")

@@ -149,3 +149,16 @@ def test_isa_avx2_holds_torch_to_avx2_and_the_machine_line_says_so():
     line = machine("avx2")
     assert "torch's CPU capability AVX2 (held: ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2)" in line
     assert "flags " in line and "avx2" in line.split("flags ", 1)[1]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "no/such/model.pt"], "--model no/such/model.pt: not found"),
+    (["--images", "0"], "--images and --rounds must be >= 1"),
+    (["--draw", "ddim@0.5"], "expected SAMPLER:STEPS@W/LO-HI"),
+])
+def test_sample_speed_refuses_bad_arguments_before_sampling(argv, message, monkeypatch):
+    from bench import sample_speed
+
+    monkeypatch.setattr(sample_speed.subprocess, "run", lambda *a, **k: pytest.fail("a row ran"))
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        sample_speed.main(argv)
