@@ -137,11 +137,11 @@ class TrainConfig:
 class SampleConfig:
     per_class: int = param(200, "images drawn per class", rule="> 0")
     sampler: str = param("dpm++2m", "ancestral ddpm (all T steps), ddim, or DPM-Solver++(2M)", choices=tuple(SAMPLERS))
-    steps: int = param(10, "sampler steps (ddpm always takes diffusion.timesteps)", rule=">= 1")
+    steps: int = param(6, "sampler steps (ddpm always takes diffusion.timesteps)", rule=">= 1")
     timestep_spacing: str = param("trailing", "which timesteps ddim and dpm++2m visit: evenly in t (trailing), "
                                   "evenly in log-SNR, or Karras et al.'s sigmas", choices=TIMESTEP_SPACINGS)
     eta: float = param(0.0, "DDIM's stochasticity (0 = deterministic, 1 ~ DDPM)", rule="[0, 1]")
-    guidance_scale: float = param(0.6, "w in eps = eps_c + w (eps_c - eps_u); 0 = the purely conditional model", rule=">= 0")
+    guidance_scale: float = param(0.4, "w in eps = eps_c + w (eps_c - eps_u); 0 = the purely conditional model", rule=">= 0")
     guidance_interval: list[float] = param([0.0, 0.5], "[lo, hi]: guide only where lo <= t / (T - 1) <= hi "
                                            "(Kynkaanniemi et al. 2024); [0, 1] guides every step", rule="[0, 1]")
     batch_size: int = param(250, "images per sampling batch", rule="> 0")
@@ -173,9 +173,9 @@ class ClipConfig:
 
 @dataclass
 class SweepConfig:
-    guidance_scales: list[float] = param([0.0, 0.6, 2.0, 4.0], "guidance scales swept with the sample group's sampler",
+    guidance_scales: list[float] = param([0.0, 0.4, 2.0, 4.0], "guidance scales swept with the sample group's sampler",
                                          rule=">= 0", unique=True)
-    samplers: list[str] = param(["ddim:10", "ddim:20", "dpm++2m:10", "dpm++2m:20"],
+    samplers: list[str] = param(["ddim:10", "dpm++2m:6", "dpm++2m:10", "dpm++2m:20"],
                                 "SAMPLER:STEPS entries swept at sample.guidance_scale", unique=True)
     per_class: int = param(10, "images per class for each swept setting", rule="> 0")
 
