@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import ISAS, isa_env, machine, md_table  # noqa: E402
-from bench.seeds import parse_draw  # noqa: E402
+from bench.seeds import default_draw, parse_draw  # noqa: E402
 
 
 def one(spec: dict) -> dict:
@@ -70,8 +70,7 @@ def main(argv: list[str] | None = None) -> None:
 
     s = load_config("params.yaml").sample
     if not args.draw:
-        lo, hi = s.guidance_interval
-        args.draw = [f"{s.sampler}:{s.steps}@{s.guidance_scale:g}/{lo:g}-{hi:g}"]
+        args.draw = [default_draw(s)]
     for d in args.draw:
         parse_draw(d)
     if args.images < 1 or args.rounds < 1:

@@ -39,6 +39,12 @@ def parse_draw(spec: str) -> dict:
         raise SystemExit(f"--draw {spec!r}: expected SAMPLER:STEPS@W/LO-HI, e.g. dpm++2m:10@0.6/0-0.5") from None
 
 
+def default_draw(sample_cfg) -> str:
+    """params.yaml's ``sample`` settings as a ``--draw`` spec (SAMPLER:STEPS@W/LO-HI)."""
+    lo, hi = sample_cfg.guidance_interval
+    return f"{sample_cfg.sampler}:{sample_cfg.steps}@{sample_cfg.guidance_scale:g}/{lo:g}-{hi:g}"
+
+
 def train_one(overrides: dict, seed: int, out: Path) -> dict:
     """Train params.yaml + ``overrides`` with ``seed`` into ``out`` (model.pt, the EMA network)."""
     from diffusion_core.config import load_config
@@ -97,9 +103,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     except ConfigError as exc:
         raise SystemExit(f"--set: {exc}") from None
     if not args.draw:
-        s = cfg.sample
-        lo, hi = s.guidance_interval
-        args.draw = [f"{s.sampler}:{s.steps}@{s.guidance_scale:g}/{lo:g}-{hi:g}"]
+        args.draw = [default_draw(cfg.sample)]
     for spec in args.draw:
         parse_draw(spec)
     try:
