@@ -10,6 +10,14 @@ fits a time budget, and the tables are printed as each part ends.
 On the device machine, ``bench/gpu.sh`` runs it from a carried folder ``.gpu/`` that holds full
 MNIST's four .gz files and the judge's weights (docs/results/gpu.md#findings says how to fill it).
 
+    python bench/gpu.py --dataset cifar10 --parts quality --budget-s 300   # CIFAR-10's GPU preset
+
+``--dataset cifar10`` trains on the real CIFAR-10 (the .npz of bench/mnist_judge.SHARED_CIFAR through
+``data.source: npz``) the default network and docs/datasets.md's CIFAR-10 GPU preset
+(``CIFAR10_PRESET``), judges them with bench/mnist_judge.py's CIFAR-10 CNN, and saves a grid of each
+network's final samples beside ``--out``. ``bash bench/gpu.sh cifar10`` runs it on the device
+machine from parts carried over consecutive calls (docs/results/cifar10.md#on-a-gpu).
+
 1. **Throughput.** Training steps of the Trainer itself (loss, backward, gradient clipping, fused
    AdamW, EMA) on random batches of the full-MNIST training digits, kept on the device: images/s,
    steps/s and peak device memory, for the CPU default network (params.yaml) and docs/scaling.md's GPU
@@ -46,7 +54,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import machine, md_table, parse_overrides, time_train_steps  # noqa: E402
 from diffusion_core.config import COMPILE_MODES, Config, ConfigError, load_config, sampling_kwargs  # noqa: E402
-from diffusion_core.data import DATASETS, build_splits, to_uint8  # noqa: E402
+from diffusion_core.data import build_dataset, to_uint8  # noqa: E402
 from diffusion_core.samplers import class_labels  # noqa: E402
 from diffusion_core.runtime import precision_name, resolve_arithmetic, resolve_device  # noqa: E402
 from diffusion_core.pipeline import DiffusionPipeline  # noqa: E402
@@ -65,8 +73,23 @@ GPU_PRESET: dict[str, Any] = {
     "train.ema_decay": 0.9995,
     "train.optimizer": "adamw",  # as measured in docs/results/gpu.md#findings (Muon, the CPU default since 7m, is not yet tuned there)
 }
-NETWORKS = {"default": {}, "gpu-preset": GPU_PRESET}
+# docs/datasets.md's CIFAR-10 GPU preset (tests/test_bench_gpu.py checks that they agree)
+CIFAR10_PRESET: dict[str, Any] = {
+    "model.base_channels": 32,
+    "model.patch_size": 1,
+    "model.channel_mult": [1, 2, 2],
+    "model.num_res_blocks": 2,
+    "model.attention_resolutions": [8],
+    "train.batch_size": 128,
+    "train.lr": 0.0005,
+    "train.ema_decay": 0.9995,
+    "train.optimizer": "adamw",  # as GPU_PRESET
+}
+NETWORKS = {"default": {}, "gpu-preset": GPU_PRESET, "cifar10-preset": CIFAR10_PRESET}
 PRESET_EPOCHS = 30  # the docs/scaling.md preset's train.epochs: the most a budgeted run is given
+CIFAR10_PRESET_EPOCHS = 100  # docs/datasets.md's CIFAR-10 preset's train.epochs
+# per --dataset: the networks run by default, and the most epochs a budgeted run is given
+DATASETS_RUN = {"mnist": (("default", "gpu-preset"), PRESET_EPOCHS), "cifar10": (("default", "cifar10-preset"), CIFAR10_PRESET_EPOCHS)}
 TARGET_ACCURACY, TARGET_WORST = 0.98, 0.95
 PARTS = ("throughput", "compile", "quality")
 
@@ -81,7 +104,7 @@ def network_config(args, network: str, extra: dict[str, Any] | None = None) -> C
 
 
 def make_trainer(cfg: Config, splits: dict, out: str, on_epoch=None) -> Trainer:
-    return Trainer(cfg, splits["train"], splits["val"], DATASETS[cfg.data.source].trainer_info, out, on_epoch=on_epoch, progress=False)
+    return Trainer(cfg, splits["train"], splits["val"], splits["spec"].trainer_info, out, on_epoch=on_epoch, progress=False)
 
 
 def peak_memory_mib(device: torch.device) -> float | None:
@@ -175,13 +198,13 @@ def time_to_quality(args, network: str, splits: dict, speed: Speed, evaluate: Ev
     """Part 3 for one network: per-epoch rows and the final row. ``speed``: parts 1-2's steps/s;
     settings they did not time are timed here."""
     cfg = network_config(args, network)
-    spec = DATASETS[cfg.data.source]
+    spec = splits["spec"]
     shape = (spec.channels, spec.size, spec.size)
     steps_per_s = speed.get((network, cfg.train.batch_size, resolved_runs_as(cfg)))
     if steps_per_s is None:
         steps_per_s = throughput_row(cfg, splits, args.steps, args.timings)["steps_per_s"]
     steps_per_epoch = len(splits["train"]["labels"]) // cfg.train.batch_size
-    epochs = budget_epochs(args.budget_s, steps_per_s, steps_per_epoch)
+    epochs = budget_epochs(args.budget_s, steps_per_s, steps_per_epoch, DATASETS_RUN[args.dataset][1])
     cfg = network_config(args, network, {"train.epochs": epochs})
     s = cfg.sample
     labels = class_labels(spec.num_classes, args.per_class)
@@ -213,6 +236,8 @@ def time_to_quality(args, network: str, splits: dict, speed: Speed, evaluate: Ev
         t0 = time.perf_counter()
         images = draw_digits(tr.ema.module.eval(), final_labels)
         sample_s = time.perf_counter() - t0
+        if args.out:  # the final samples, ten of each class, one row per class
+            save_grid(images, final_labels, Path(args.out).with_name(f"{Path(args.out).stem}-{args.dataset}-{network}.png"))
         first = next((r for r in rows if r["targets_met"]), None)
         final = {"network": network, "runs_as": runs_as(tr.precision, tr.compile_mode), "params": count_parameters(tr.model), "batch": cfg.train.batch_size,
                  "epochs": epochs, "steps": res.steps, "train_s": train_s, "images_per_s": res.steps * cfg.train.batch_size / train_s,
@@ -224,18 +249,30 @@ def time_to_quality(args, network: str, splits: dict, speed: Speed, evaluate: Ev
     return rows, final
 
 
-def mnist_judge_evaluate() -> Evaluate:
-    """bench/mnist_judge.py's CNN (trained on full MNIST, cached in bench/.cache)."""
+def save_grid(images: torch.Tensor, labels: torch.Tensor, path: Path, per_class: int = 10) -> None:
+    """A PNG of up to ``per_class`` of ``images`` ([-1, 1]) for each class, one row per class."""
+    from torchvision.utils import save_image
+
+    rows = [images[labels == c][:per_class] for c in range(int(labels.max()) + 1)]
+    save_image(torch.cat(rows), path, nrow=per_class, normalize=True, value_range=(-1, 1))
+
+
+def judge_evaluate(dataset: str = "mnist") -> Evaluate:
+    """bench/mnist_judge.py's CNN for ``dataset`` (trained on its real training set, cached in bench/.cache)."""
     from bench.mnist_judge import get_judge, quality
 
-    model = get_judge()
-    return lambda images, labels: quality(images, labels, model)
+    model = get_judge(dataset)
+    return lambda images, labels: quality(images, labels, model, dataset=dataset)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="auto", help="train.device (auto: CUDA when there is one)")
-    ap.add_argument("--networks", default=",".join(NETWORKS), help=f"comma-separated, from {list(NETWORKS)}")
+    ap.add_argument("--dataset", choices=sorted(DATASETS_RUN), default="mnist",
+                    help="mnist: full MNIST (or --source); cifar10: the CIFAR-10 .npz of bench/mnist_judge.SHARED_CIFAR "
+                         "through data.source npz, judged by the CIFAR-10 CNN")
+    ap.add_argument("--networks", default=None, help=f"comma-separated, from {list(NETWORKS)} "
+                    f"(default: {'; '.join(f'{d}: ' + ','.join(n) for d, (n, _) in DATASETS_RUN.items())})")
     ap.add_argument("--batch-sizes", default="32,128,512,2048", help="part 1's batch sizes")
     ap.add_argument("--steps", type=int, default=20, help="parts 1-2: steps per timing")
     ap.add_argument("--timings", type=int, default=3, help="parts 1-2: timings per row (the median is kept)")
@@ -244,13 +281,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--final-per-class", type=int, default=200, help="part 3: digits of each class judged at the end")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, run in this order: {', '.join(PARTS)}")
     ap.add_argument("--compile-modes", default="reduce-overhead", help=f"part 2's train.compile_mode values, from {', '.join(COMPILE_MODES)}")
-    ap.add_argument("--source", default="mnist", help="data.source (tests use mnist-5k)")
-    ap.add_argument("--root", default=None, help="data.root holding MNIST/raw (default: bench/.cache, unpacked from ../shared)")
+    ap.add_argument("--source", default=None, help="data.source (default: mnist, or npz for --dataset cifar10; tests use mnist-5k)")
+    ap.add_argument("--root", default=None, help="data.root: the folder holding MNIST/raw (default: bench/.cache, unpacked from ../shared) "
+                    "or the .npz file")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="a params.yaml override for every run")
     ap.add_argument("--out", default=None, help="also write the tables to this file")
     args = ap.parse_args(argv)
-    args.networks = [n.strip() for n in args.networks.split(",") if n.strip()]
+    args.source = args.source or ("npz" if args.dataset == "cifar10" else "mnist")
+    args.networks = [n.strip() for n in (args.networks or ",".join(DATASETS_RUN[args.dataset][0])).split(",") if n.strip()]
     unknown = [n for n in args.networks if n not in NETWORKS]
     if unknown or not args.networks:
         raise SystemExit(f"--networks: unknown {unknown}; known: {list(NETWORKS)}")
@@ -278,12 +317,15 @@ def main(argv: list[str] | None = None, evaluate: Evaluate | None = None) -> Non
     command = " ".join(["python bench/gpu.py", *(sys.argv[1:] if argv is None else argv)])
     if args.root is None:
         from bench.common import mnist_root
+        from bench.mnist_judge import SHARED_CIFAR
 
-        args.root = str(mnist_root()) if args.source == "mnist" else "data/raw"
+        args.root = {"mnist": lambda: str(mnist_root()), "npz": lambda: str(SHARED_CIFAR)}.get(args.source, lambda: "data/raw")()
     try:  # a bad --set or params.yaml stops here, in one line, before any work
         cfg = network_config(args, args.networks[0])
     except ConfigError as exc:
         raise SystemExit(f"error: {exc}") from None
+    if args.source == "npz" and not Path(args.root).is_file():
+        raise SystemExit(f"error: {args.root}: no such .npz file (--root, or BENCH_CIFAR_NPZ for --dataset cifar10)")
     out_file = open(args.out, "w") if args.out else None
 
     def report(text: str) -> None:
@@ -296,8 +338,10 @@ def main(argv: list[str] | None = None, evaluate: Evaluate | None = None) -> Non
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU"
     report(f"Machine: {gpu}; host {machine()}\nCommand: `{command}`\n")
     d = cfg.data
-    splits = build_splits(d.source, d.root, cfg.seed, d.val_fraction, d.test_fraction, download=False, limit=d.limit)
-    report(f"Data: {args.source}, {len(splits['train']['labels'])} training digits; sampler {cfg.sample.sampler} "
+    spec, splits = build_dataset(d.source, d.root, cfg.seed, d.val_fraction, d.test_fraction, download=False, limit=d.limit)
+    splits["spec"] = spec  # the dataset's geometry and class names travel with its splits (a .npz has its own)
+    source = f"{args.source} ({Path(args.root).name})" if args.source == "npz" else args.source
+    report(f"Data: {source}, {len(splits['train']['labels'])} training images; sampler {cfg.sample.sampler} "
            f"{cfg.sample.steps} steps, w = {cfg.sample.guidance_scale} on t/T in {list(cfg.sample.guidance_interval)}\n")
     speed: Speed = {}
     if "throughput" in args.parts:
@@ -309,7 +353,7 @@ def main(argv: list[str] | None = None, evaluate: Evaluate | None = None) -> Non
         throughput(args, splits, report, compile_runs(args), speed)
         report("")
     if "quality" in args.parts:
-        evaluate = evaluate or mnist_judge_evaluate()
+        evaluate = evaluate or judge_evaluate(args.dataset)
         finals = []
         for network in args.networks:
             report(f"### Time to quality: {network} (budget {args.budget_s:g} s of training)\n")

@@ -6,6 +6,7 @@ every path of it runs here first: both networks, the parts, the time budget, and
 
 import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,11 +20,12 @@ TINY = ["--set", "model.base_channels=8", "--set", "model.norm_groups=4", "--set
         "--set", "train.compile=false"]  # auto compiles on an AMX CPU: ~30 s per new shape
 
 
-def centroid_judge(split: dict, test: dict):
-    """A real, cheap judge for the test: nearest class mean of 7x7-pooled digits; FD in that space
-    against the real test digits (and between two halves of the training digits, the floor)."""
+def centroid_judge(split: dict, test: dict, size: int = 7):
+    """A real, cheap judge for the test: nearest class mean of size x size-pooled images; FD in that
+    space against the real test images (and between two sets of training images, the floor)."""
     def feats(images):
-        return F.avg_pool2d(images.float().reshape(len(images), 1, 28, 28) / 255, 4).flatten(1)
+        x = images.float() / 255
+        return F.adaptive_avg_pool2d(x if x.dim() == 4 else x.reshape(len(x), 1, 28, 28), size).flatten(1)
 
     f, y = feats(split["images"]), split["labels"]
     means = torch.stack([f[y == c].mean(0) for c in range(10)])
@@ -78,7 +80,7 @@ def test_gpu_bench_runs_every_part_on_cpu(mnist5k, tmp_path, capsys):
     text = out.read_text()
     assert printed.strip() == text.strip()
     assert "Machine: no GPU" in text and "Command: `python bench/gpu.py --device cpu" in text
-    assert "Data: mnist-5k, 600 training digits" in text
+    assert "Data: mnist-5k, 600 training images" in text
 
     def table(title):
         lines = text[text.index(title):].splitlines()[2:]
@@ -87,7 +89,7 @@ def test_gpu_bench_runs_every_part_on_cpu(mnist5k, tmp_path, capsys):
 
     speed = table("### Throughput")
     assert [(r["network"], r["variant"], r["batch"]) for r in speed] == [
-        ("default", "batch 16", "16"), ("gpu-preset", "batch 16", "16"), ("default", "fp32 (TF32)", "32"),
+        ("default", "batch 16", "16"), ("gpu-preset", "batch 16", "16"), ("default", "fp32 (TF32)", "64"),
         ("gpu-preset", "fp32 (TF32)", "128")]
     assert all(float(r["images_per_s"]) > 0 and r["peak_mem_mib"] == "n/a" for r in speed)
     assert [r["runs_as"] for r in speed] == ["bf16, eager"] * 2 + ["fp32, eager"] * 2  # part 1 pins eager
@@ -145,4 +147,72 @@ def test_gpu_bench_bad_arguments_stop_before_any_work(argv, message, tmp_path):
     with pytest.raises(SystemExit) as exc:
         gpu.main(["--source", "mnist-5k", "--out", str(out), *argv])
     assert message in str(exc.value) and len(str(exc.value).splitlines()) == 1
+    assert not out.exists()
+
+
+SHARED_CIFAR = REPO.parent / "shared" / "data" / "cifar10" / "cifar10.npz"
+
+
+def test_datasets_md_cifar10_preset_is_the_benchmarks():
+    """docs/datasets.md's CIFAR-10 GPU command and CIFAR10_PRESET name the same settings."""
+    import yaml
+
+    text = (REPO / "docs" / "datasets.md").read_text()
+    block = text[text.index("dvc exp run -n cifar10 "):]
+    block = block[: block.index("```")]
+    readme = {k: yaml.safe_load(v.strip("'")) for k, v in re.findall(r"-S ([\w.]+)=('[^']*'|\S+)", block)}
+    assert {k: readme.get(k) for k in gpu.CIFAR10_PRESET} == gpu.CIFAR10_PRESET
+    assert readme["data.source"] == "cifar10" and readme["train.epochs"] == gpu.CIFAR10_PRESET_EPOCHS
+
+
+def test_npz_parts_split_and_join_losslessly(tmp_path):
+    from bench import npz_parts
+
+    rng = np.random.default_rng(0)
+    arrays = {"x_train": rng.integers(0, 256, (50, 4, 4, 3), dtype=np.uint8), "y_train": rng.integers(0, 10, (50, 1)),
+              "x_test": rng.integers(0, 256, (7, 4, 4, 3), dtype=np.uint8), "classes": np.array(["a", "b"]),
+              "scale": np.array(2.5)}
+    np.savez(tmp_path / "src.npz", **arrays)
+    parts = npz_parts.split(tmp_path / "src.npz", tmp_path / "parts", 3)
+    assert [p.name for p in parts] == ["part1.npz", "part2.npz", "part3.npz"]
+    with np.load(parts[2]) as f:  # the last run of rows of each array, nothing else
+        assert sorted(f.files) == ["classes", "x_test", "x_train", "y_train"] and len(f["x_train"]) == 16
+    joined = npz_parts.join(tmp_path / "parts", tmp_path / "joined.npz")
+    with np.load(joined) as f:
+        assert sorted(f.files) == sorted(arrays) and all(np.array_equal(f[k], a) and f[k].dtype == a.dtype for k, a in arrays.items())
+    (tmp_path / "parts" / "part2.npz").unlink()
+    (tmp_path / "joined.npz").unlink()
+    with pytest.raises(SystemExit, match=r"part part2.npz of 3 is missing"):
+        npz_parts.join(tmp_path / "parts", tmp_path / "joined.npz")
+    assert not (tmp_path / "joined.npz").exists()
+
+
+@pytest.mark.skipif(not SHARED_CIFAR.is_file(), reason="../shared/data/cifar10/cifar10.npz not present")
+def test_gpu_bench_cifar10_runs_the_preset_on_real_images_and_saves_colour_grids(tmp_path, capsys):
+    """--dataset cifar10 on CPU: 700 real CIFAR-10 images in the Keras layout through data.source npz,
+    both networks trained within the budget, judged, and each one's final samples saved as a colour grid."""
+    from PIL import Image
+
+    with np.load(SHARED_CIFAR) as z:  # the real test images only: decompressing them is quick
+        x, y, classes = z["x_test"][:700], z["y_test"][:700], z["classes"]
+    npz = tmp_path / "cifar10.npz"
+    np.savez(npz, x_train=x[:500], y_train=y[:500], x_test=x[500:], y_test=y[500:], classes=classes)
+    out = tmp_path / "gpu.md"
+    gpu.main(["--dataset", "cifar10", "--root", str(npz), "--device", "cpu", "--parts", "quality", "--budget-s", "1",
+              "--steps", "1", "--timings", "1", "--per-class", "1", "--final-per-class", "2", "--out", str(out), *TINY],
+             evaluate=centroid_judge({"images": torch.from_numpy(x[:500].transpose(0, 3, 1, 2)), "labels": torch.from_numpy(y[:500]).long().flatten()},
+                                     {"images": torch.from_numpy(x[500:].transpose(0, 3, 1, 2))}, size=4))
+    text = out.read_text()
+    assert "Data: npz (cifar10.npz), 4" in text  # 500 minus the validation fraction
+    assert "### Time to quality: default" in text and "### Time to quality: cifar10-preset" in text and "failed" not in text
+    for network in ("default", "cifar10-preset"):
+        grid = Image.open(tmp_path / f"gpu-cifar10-{network}.png")
+        assert grid.mode == "RGB" and grid.size[1] > grid.size[0]  # ten rows of two 32x32 images
+    capsys.readouterr()
+
+
+def test_gpu_bench_missing_npz_is_named_before_any_work(tmp_path):
+    out = tmp_path / "gpu.md"
+    with pytest.raises(SystemExit, match=r"nowhere.npz: no such .npz file"):
+        gpu.main(["--dataset", "cifar10", "--root", str(tmp_path / "nowhere.npz"), "--out", str(out)])
     assert not out.exists()
