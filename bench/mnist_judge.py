@@ -14,6 +14,7 @@ class) and a Frechet distance in its penultimate-layer feature space against the
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -35,7 +36,8 @@ JUDGED = {"mnist": ("MNIST", 0.1307, 0.3081, 2), "fashion-mnist": ("FashionMNIST
 # per dataset: input channels, image size, stage widths, batch norm (the grey sets keep the network
 # their cached weights were trained as)
 SHAPES = {"mnist": (1, 28, (32, 64), False), "fashion-mnist": (1, 28, (32, 64), False), "cifar10": (3, 32, (32, 64, 128), True)}
-SHARED_CIFAR = REPO.parent / "shared" / "data" / "cifar10" / "cifar10.npz"
+# CIFAR-10 in one lossless .npz (its Keras layout): ../shared, or where BENCH_CIFAR_NPZ says (bench/gpu.sh cifar10)
+SHARED_CIFAR = Path(os.environ.get("BENCH_CIFAR_NPZ", REPO.parent / "shared" / "data" / "cifar10" / "cifar10.npz")).resolve()
 
 
 def weights_path(dataset: str) -> Path:
@@ -253,7 +255,22 @@ if __name__ == "__main__":
     ap.add_argument("--dataset", choices=sorted(JUDGED), default="mnist")
     ap.add_argument("--data-floor", type=int, default=0, metavar="PER_CLASS",
                     help="also judge PER_CLASS mnist-5k training digits of each class like a generated set (mnist only)")
+    ap.add_argument("--model", type=Path, help="judge this saved pipeline (model.pt) instead: per_class images of each class at each --draw")
+    ap.add_argument("--draw", action="append", default=[], help="with --model: SAMPLER:STEPS@W/LO-HI (bench/seeds.py's format)")
+    ap.add_argument("--per-class", type=int, default=200, help="with --model: images drawn per class")
     args = ap.parse_args()
+    if args.model:  # a kept model (bench/time_to_quality.py --keep DIR: DIR/model.pt) at other sampler settings
+        from bench.common import machine, md_table
+        from bench.seeds import judge_one, parse_draw
+
+        if not args.model.is_file() or not args.draw or args.per_class < 1:
+            raise SystemExit(f"--model {args.model}: needs an existing model.pt, at least one --draw and --per-class >= 1")
+        for spec in args.draw:
+            parse_draw(spec)
+        print(f"Machine: {machine()}\nCommand: `python bench/mnist_judge.py --dataset {args.dataset} --model MODEL"
+              + "".join(f" --draw {d}" for d in args.draw) + f" --per-class {args.per_class}`\n")
+        print(md_table(judge_one(args.model, args.draw, args.per_class, seed=0, dataset=args.dataset)))
+        raise SystemExit(0)
     m = get_judge(args.dataset)
     x, y = load_real(False, args.dataset)
     pred, _ = judge(m, x)

@@ -64,20 +64,21 @@ def train_one(overrides: dict, seed: int, out: Path) -> dict:
     return info
 
 
-def judge_one(model_path: Path, draws: list[str], per_class: int, seed: int) -> list[dict]:
+def judge_one(model_path: Path, draws: list[str], per_class: int, seed: int, dataset: str = "mnist") -> list[dict]:
+    """Each of ``draws`` from the saved pipeline ``model_path``, judged by ``dataset``'s CNN."""
     from bench.mnist_judge import get_judge, quality
     from diffusion_core.data import to_uint8
     from diffusion_core.pipeline import DiffusionPipeline
     from diffusion_core.samplers import class_labels
 
-    judge, pipe = get_judge(), DiffusionPipeline.from_pretrained(model_path)
+    judge, pipe = get_judge(dataset), DiffusionPipeline.from_pretrained(model_path)
     labels = class_labels(len(pipe.class_names), per_class)
     rows = []
     for spec in draws:
         t0 = time.perf_counter()
         images = pipe(labels, **parse_draw(spec), seed=seed + 10)
         ms = 1000 * (time.perf_counter() - t0) / len(labels)
-        q = quality(to_uint8(images), labels, judge)
+        q = quality(to_uint8(images), labels, judge, dataset=dataset)
         rows.append({"draw": spec, "accuracy": q["accuracy"], "worst_digit_accuracy": q["worst_digit_accuracy"],
                      "fd": round(q["fd"], 2), "fd_real_vs_real": round(q["fd_real_vs_real"], 2), "sample_ms_per_image": round(ms, 2)})
     return rows

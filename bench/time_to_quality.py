@@ -20,7 +20,7 @@ into bench/.cache; data.source, data.root and data.download are set for it), ``-
 the real CIFAR-10 (../shared/data/cifar10/cifar10.npz through ``data.source: npz``, its Keras layout),
 and judges with that dataset's CNN (bench/mnist_judge.py --dataset), whose accuracy on the real test images is printed
 beside the generated images' as the ceiling, with the accuracy of each class. ``--keep DIR`` keeps
-the run's reports/ (the report, its figures, the metrics) in DIR.
+the run's reports/ (the report, its figures, the metrics) and its trained pipeline (model.pt) in DIR.
 
     python bench/time_to_quality.py --isa avx2 ...
 
@@ -83,8 +83,9 @@ def run_stages(dst: Path, env: dict, force: bool = False, dataset: str = "mnist"
     with np.load(dst / "samples" / "samples.npz") as f:
         images, labels = torch.from_numpy(f["images"]), torch.from_numpy(f["labels"])
     clip = json.loads((dst / "reports" / "metrics" / "train_clip.json").read_text())  # the pipeline's own judge
-    if keep is not None:
+    if keep is not None:  # the report and the trained pipeline (bench/mnist_judge.py --model judges it again)
         shutil.copytree(dst / "reports", keep, dirs_exist_ok=True)
+        shutil.copy2(dst / "models" / "model.pt", keep / "model.pt")
     return {"times": times, "total": sum(times.values()), **quality(images, labels, get_judge(dataset)),
             "labels": labels, "digit_clip_test_accuracy": clip["zero_shot_accuracy_test"]}
 
@@ -114,7 +115,7 @@ def main() -> None:
     ap.add_argument("--dataset", choices=sorted(JUDGED), default="mnist",
                     help="mnist: the params as they are (mnist-5k by default), judged by the MNIST CNN; fashion-mnist: "
                     "the real Fashion-MNIST from ../shared, judged by its own CNN")
-    ap.add_argument("--keep", type=Path, help="copy the (last) run's reports/ folder here")
+    ap.add_argument("--keep", type=Path, help="copy the (last) run's reports/ folder and models/model.pt here")
     ap.add_argument("--isa", choices=ISAS, default="native",
                     help="avx2: hold ATen and oneDNN to AVX2 in every stage, as on a CPU without AVX-512 or AMX")
     ap.add_argument("--force", action="store_true", help="with --in-place: run every stage even if up to date (dvc repro --force; "

@@ -352,7 +352,8 @@ def section_sweep(sweep: pd.DataFrame | None, m_sample: dict, per_class: int, no
     lo, hi = m_sample.get("guidance_interval", [0.0, 1.0])
     items = R.words(noun)["items"]
     return md + [
-        f"{int(sweep['images'].iloc[0])} {items} per setting ({per_class} per class), judged by digit-clip; the Frechet "
+        f"{int(sweep['images'].iloc[0])} {items} per setting ({per_class} per class), judged by "
+        f"{'digit-clip' if noun == 'digit' else 'dataset-clip (the CLIP `train_clip` trained on this data)'}; the Frechet "
         f"distance is to real test {items} (lower = closer to real, a proxy for diversity and realism). "
         "Guidance: eps = eps_cond + w (eps_cond - eps_uncond), w = 0 being the purely conditional model, "
         f"applied where t/T is in [{lo:g}, {hi:g}] (`sample.guidance_interval`), as in the samples.\n",

@@ -8,6 +8,7 @@ import re
 import pytest
 
 from bench import digit_clip, scaling, vs_diffusers
+from tests.conftest import REPO
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -162,3 +163,15 @@ def test_sample_speed_refuses_bad_arguments_before_sampling(argv, message, monke
     monkeypatch.setattr(sample_speed.subprocess, "run", lambda *a, **k: pytest.fail("a row ran"))
     with pytest.raises(SystemExit, match=re.escape(message)):
         sample_speed.main(argv)
+
+
+def test_mnist_judge_model_needs_a_model_file_and_a_draw_before_any_work(tmp_path):
+    """bench/mnist_judge.py --model judges a kept pipeline again; a missing file or no --draw is one line, no judge trained."""
+    import subprocess
+    import sys
+
+    for argv in (["--model", str(tmp_path / "model.pt"), "--draw", "dpm++2m:6@2/0-0.5"], ["--model", __file__]):
+        res = subprocess.run([sys.executable, "bench/mnist_judge.py", "--dataset", "cifar10", *argv], cwd=REPO,
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode != 0 and "needs an existing model.pt, at least one --draw" in res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1

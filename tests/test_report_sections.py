@@ -166,6 +166,8 @@ def test_summary_sweep_and_limitations_take_their_numbers_from_the_metrics(tmp_p
                           "clip_score": [60.0, 61.0, 60.5], "frechet_distance": [0.02, 0.01, 0.015], "seconds_per_image": [0.003, 0.003, 0.004]})
     md = S.section_sweep(sweep, m_sample, 2, "digit", tmp_path)
     assert md[1].startswith("20 digits per setting (2 per class), judged by digit-clip")
+    other = S.section_sweep(sweep, m_sample, 2, "image", tmp_path)  # any other dataset: the judge under its neutral name
+    assert other[1].startswith("20 images per setting (2 per class), judged by dataset-clip (the CLIP `train_clip` trained on this data)")
     assert "applied where t/T is in [0, 0.5] (`sample.guidance_interval`)" in md[1]
     assert "| sampler | ddim | 10 | 0.6 | 20 | 0.85 | 60.5 | 0.015 | 0.004 |" in md[3] and (tmp_path / "sweep.png").is_file()
 
