@@ -99,13 +99,13 @@ class DiffusionConfig:
 @dataclass
 class TrainConfig:
     epochs: int = param(30, "passes over the training split", rule="> 0")
-    batch_size: int = param(32, "images per optimizer step (the global batch under torchrun)", rule="> 0")
-    lr: float = param(2e-3, "AdamW's peak learning rate (for every parameter Muon does not take)", rule="> 0")
+    batch_size: int = param(64, "images per optimizer step (the global batch under torchrun)", rule="> 0")
+    lr: float = param(2.8e-3, "AdamW's peak learning rate (for every parameter Muon does not take)", rule="> 0")
     weight_decay: float = param(0.0, "decoupled weight decay", rule=">= 0")
     adam_beta2: float = param(0.999, "AdamW's second-moment decay (beta1 stays 0.9)", rule="(0, 1)")
     optimizer: str = param("muon", "adamw for every parameter, or muon: Muon for the hidden weight matrices "
                            "(at muon_lr), AdamW for the rest", choices=OPTIMIZERS)
-    muon_lr: float = param(4e-3, "Muon's peak rate, RMS-matched to AdamW's (scaled by 0.2 sqrt(max(rows, cols)) per matrix)",
+    muon_lr: float = param(5.7e-3, "Muon's peak rate, RMS-matched to AdamW's (scaled by 0.2 sqrt(max(rows, cols)) per matrix)",
                            rule="> 0")
     muon_momentum: float = param(0.95, "Muon's Nesterov momentum", rule="[0, 1)")
     warmup_steps: int = param(100, "steps of linear warm-up of the learning rate", rule=">= 0")

@@ -9,6 +9,7 @@ TINY_OVERRIDES = {
     "model.norm_groups": 4,
     "diffusion.timesteps": 100,
     "train.epochs": 2,
+    "train.batch_size": 32,  # of 320 images: enough steps an epoch for the checkpoints and resumes the tests exercise
     "train.compile": False,  # auto compiles on a CPU with AMX: ~30 s per new shape (tests/test_precision.py covers it)
     "train.warmup_steps": 2,
     "train.checkpoint_every": 4,
