@@ -220,3 +220,33 @@ def test_params_yaml_holds_the_documented_defaults():
     from conftest import REPO
 
     assert load_config(REPO / "params.yaml") == Config()
+
+
+def test_every_documented_dvc_exp_run_is_a_valid_config():
+    """Each `dvc exp run ... -S key=value` in the README and docs/ (presets, examples) names keys
+    that exist, with values the config accepts: a preset a user copies must start."""
+    import re
+    import shlex
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    commands = []
+    for md in [repo / "README.md", *sorted((repo / "docs").rglob("*.md"))]:
+        text = md.read_text()
+        inline = re.findall(r"`(dvc exp run [^`]*)`", text.replace("\n", " "))  # prose wraps its spans
+        blocks = [line for block in re.findall(r"```\w*\n(.*?)```", text, re.S)
+                  for line in block.replace("\\\n", " ").splitlines() if line.startswith("dvc exp run")]
+        commands += [(md.name, line) for line in inline + blocks if " -S " in line and "..." not in line]  # "...": prose
+    assert len(commands) >= 5, commands  # the presets of docs/datasets.md and docs/scaling.md at least
+    for name, line in commands:
+        words = shlex.split(line, comments=True)
+        overrides = {}
+        for flag, value in zip(words, words[1:]):
+            if flag == "-S":
+                key, _, raw = value.partition("=")
+                overrides[key] = yaml.safe_load(raw)
+        try:
+            load_config(repo / "params.yaml", overrides)
+        except ConfigError as exc:
+            pytest.fail(f"{name}: `{line}`: {exc}")
