@@ -253,8 +253,9 @@ def save_grid(images: torch.Tensor, labels: torch.Tensor, path: Path, per_class:
     """A PNG of up to ``per_class`` of ``images`` ([-1, 1]) for each class, one row per class."""
     from torchvision.utils import save_image
 
-    rows = [images[labels == c][:per_class] for c in range(int(labels.max()) + 1)]
-    save_image(torch.cat(rows), path, nrow=per_class, normalize=True, value_range=(-1, 1))
+    by_class = [images[labels == c] for c in range(int(labels.max()) + 1)]
+    n = min(per_class, *(len(x) for x in by_class))  # as many of each class, so each row is one class
+    save_image(torch.cat([x[:n] for x in by_class]), path, nrow=n, normalize=True, value_range=(-1, 1))
 
 
 def judge_evaluate(dataset: str = "mnist") -> Evaluate:
