@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from test_pipeline import run
 from tiny_params import copy_project
@@ -122,7 +123,8 @@ def test_runs_land_on_a_real_server_and_a_server_dying_mid_run_costs_nothing(tmp
     healthy_s = time.time() - t0
     run([sys.executable, "-m", "stages.sample"], a, env=env_a)
     c, r = only_run(srv.uri)
-    assert r.data.params["train.lr"] == "0.002" and r.data.tags["stage.sample"] == "done"
+    lr = yaml.safe_load((a / "params.yaml").read_text())["train"]["lr"]
+    assert r.data.params["train.lr"] == str(lr) and r.data.tags["stage.sample"] == "done"  # the run's own params
     steps = json.loads((a / "reports/metrics/train.json").read_text())["steps"]
     assert steps == 80 and len(c.get_metric_history(r.info.run_id, "train/loss")) == steps
     assert "sample/seconds_per_image" in r.data.metrics
