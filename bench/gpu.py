@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None, evaluate: Evaluate | None = None) -> Non
         from bench.common import mnist_root
         from bench.mnist_judge import SHARED_CIFAR
 
-        args.root = {"mnist": lambda: str(mnist_root()), "npz": lambda: str(SHARED_CIFAR)}.get(args.source, lambda: "data/raw")()
+        args.root = str(mnist_root()) if args.source == "mnist" else str(SHARED_CIFAR) if args.source == "npz" else "data/raw"
     try:  # a bad --set or params.yaml stops here, in one line, before any work
         cfg = network_config(args, args.networks[0])
     except ConfigError as exc:
