@@ -30,7 +30,7 @@ from diffusion_core.diffusion import LOSS_WEIGHTINGS, PREDICTIONS, T_SAMPLINGS, 
 from diffusion_core.optim import OPTIMIZERS
 from diffusion_core.samplers import SAMPLERS, TIMESTEP_SPACINGS, sampler_spec
 from diffusion_core.schedule import SCHEDULES
-from diffusion_core.unet import CONDITIONINGS, UNet, unet_resolutions
+from diffusion_core.unet import CONDITIONINGS, SKIPS, UNet, unet_resolutions
 from diffusion_core.errors import ConfigError  # noqa: F401 - raised here, caught by the stages
 
 
@@ -77,6 +77,9 @@ class ModelConfig:
     conditioning: str = param("scale_shift", "how each residual block takes the time + class embedding: added "
                               "(add, silu_add) or as a scale and shift of its normalised features (scale_shift)",
                               choices=CONDITIONINGS)
+    skips: str = param("all", "which encoder outputs the decoder concatenates: all (the input conv, every residual "
+                       "block and downsampling conv; num_res_blocks + 1 decoder blocks per level, as in DDPM) or "
+                       "blocks (the residual blocks' only; one decoder block fewer per level)", choices=SKIPS)
 
 
 @dataclass

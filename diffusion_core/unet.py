@@ -27,6 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# Which down-path outputs feed the up path through a skip connection (:class:`UNet`): ``all``, as in
+# DDPM and diffusers (the input conv, every residual block and every downsampling conv; the up path then
+# has num_res_blocks + 1 blocks per level), or ``blocks`` (the residual blocks' outputs only: one up
+# block fewer per level).
+SKIPS = ("all", "blocks")
+
 # How a residual block takes the time + class embedding (:class:`ResBlock`).
 CONDITIONINGS = ("add", "silu_add", "scale_shift")
 
@@ -114,6 +120,25 @@ class SelfAttention(nn.Module):
         return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
 
 
+def check_geometry(image_size: int, patch_size: int, channel_mult, attention_resolutions, skips: str) -> list[int]:
+    """The feature-map size of each level of a :class:`UNet` with these settings; ValueError naming
+    the setting that does not fit the image size."""
+    if image_size % patch_size:
+        raise ValueError(f"patch_size {patch_size} does not divide the image size {image_size}")
+    resolutions = unet_resolutions(image_size // patch_size, len(channel_mult))
+    if resolutions is None:
+        raise ValueError(
+            f"channel_mult: {image_size // patch_size}x{image_size // patch_size} cannot be halved "
+            f"{len(channel_mult) - 1} times evenly"
+        )
+    for r in attention_resolutions:
+        if r not in resolutions:
+            raise ValueError(f"attention_resolutions: {r} is not one of this network's resolutions {resolutions}")
+    if skips not in SKIPS:
+        raise ValueError(f"skips must be one of {SKIPS}, got {skips!r}")
+    return resolutions
+
+
 class UNet(nn.Module):
     def __init__(
         self,
@@ -130,19 +155,10 @@ class UNet(nn.Module):
         norm_groups: int = 8,
         patch_size: int = 1,
         conditioning: str = "add",
+        skips: str = "all",
     ) -> None:
         super().__init__()
-        if image_size % patch_size:
-            raise ValueError(f"patch_size {patch_size} does not divide the image size {image_size}")
-        resolutions = unet_resolutions(image_size // patch_size, len(channel_mult))
-        if resolutions is None:
-            raise ValueError(
-                f"channel_mult: {image_size // patch_size}x{image_size // patch_size} cannot be halved "
-                f"{len(channel_mult) - 1} times evenly"
-            )
-        for r in attention_resolutions:
-            if r not in resolutions:
-                raise ValueError(f"attention_resolutions: {r} is not one of this network's resolutions {resolutions}")
+        resolutions = check_geometry(image_size, patch_size, channel_mult, attention_resolutions, skips)
         self.in_channels = in_channels
         self.image_size = image_size
         self.patch_size = patch_size
@@ -153,26 +169,34 @@ class UNet(nn.Module):
         self.emb_dim = emb_dim
         self.time_mlp = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.class_emb = nn.Embedding(num_classes + 1, emb_dim)  # last index = null class
-        attn = set(attention_resolutions)
         widths = [base_channels * m for m in channel_mult]
 
+        def block(in_ch: int, out_ch: int, res: int) -> nn.ModuleList:  # a residual block, with attention at the listed sizes
+            layers = nn.ModuleList([ResBlock(in_ch, out_ch, emb_dim, norm_groups, dropout, conditioning)])
+            if res in attention_resolutions:
+                layers.append(SelfAttention(out_ch, num_heads, norm_groups))
+            return layers
+
+        self.skips = skips
+        every = skips == "all"  # the input conv and each downsampling conv also feed a skip (and an up block)
         folded = in_channels * patch_size * patch_size  # channels after pixel_unshuffle
         self.conv_in = nn.Conv2d(folded, base_channels, 3, padding=1)
         self.io_layers = ("conv_in", "conv_out")  # read the input / write the output: AdamW's under train.optimizer muon
         self.down = nn.ModuleList()
-        skip_chs = [base_channels]
+        skip_chs = [base_channels] if every else []
+        self.down_skips: list[bool] = []  # per down block: whether its output feeds a skip
         ch = base_channels
         for level, (res, width) in enumerate(zip(resolutions, widths)):
             for _ in range(num_res_blocks):
-                block = nn.ModuleList([ResBlock(ch, width, emb_dim, norm_groups, dropout, conditioning)])
-                if res in attn:
-                    block.append(SelfAttention(width, num_heads, norm_groups))
-                self.down.append(block)
+                self.down.append(block(ch, width, res))
+                self.down_skips.append(True)
                 ch = width
                 skip_chs.append(ch)
             if level < len(widths) - 1:
                 self.down.append(nn.ModuleList([nn.Conv2d(ch, ch, 3, stride=2, padding=1)]))
-                skip_chs.append(ch)
+                self.down_skips.append(every)
+                if every:
+                    skip_chs.append(ch)
 
         self.mid1 = ResBlock(ch, ch, emb_dim, norm_groups, dropout, conditioning)
         self.mid_attn = SelfAttention(ch, num_heads, norm_groups)  # always: the middle block sees the whole image
@@ -181,11 +205,8 @@ class UNet(nn.Module):
         self.up = nn.ModuleList()
         for level in reversed(range(len(widths))):
             res, width = resolutions[level], widths[level]
-            for _ in range(num_res_blocks + 1):
-                block = nn.ModuleList([ResBlock(ch + skip_chs.pop(), width, emb_dim, norm_groups, dropout, conditioning)])
-                if res in attn:
-                    block.append(SelfAttention(width, num_heads, norm_groups))
-                self.up.append(block)
+            for _ in range(num_res_blocks + every):
+                self.up.append(block(ch + skip_chs.pop(), width, res))
                 ch = width
             if level > 0:
                 self.up.append(nn.ModuleList([nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, ch, 3, padding=1)]))
@@ -222,10 +243,11 @@ class UNet(nn.Module):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         h = self.conv_in(x)
-        hs = [h]
-        for block in self.down:
+        hs = [h] if self.skips == "all" else []
+        for block, skip in zip(self.down, self.down_skips):
             h = self._run(block, h, emb)
-            hs.append(h)
+            if skip:
+                hs.append(h)
         h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)
         for block in self.up:
             if isinstance(block[0], ResBlock):

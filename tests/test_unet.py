@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from diffusion_core.runtime import use_channels_last
-from diffusion_core.unet import SelfAttention, UNet, count_parameters
+from diffusion_core.unet import ResBlock, SelfAttention, UNet, count_parameters
 
 
 @pytest.mark.parametrize("channels,size,mult,attn,patch", [
@@ -21,6 +21,27 @@ def test_output_shape_equals_input_shape(channels, size, mult, attn, patch):
     full = {f"{size}x{size}"} if patch > 1 else set()  # the pixel_shuffle row
     assert {r["resolution"] for r in rows} - {"-"} == {f"{r}x{r}" for r in model.resolutions} | full
     assert model.resolutions[0] == size // patch
+
+
+@pytest.mark.parametrize("mult,blocks,patch", [((1, 1), 1, 2), ((1, 2, 2), 2, 1)])
+def test_skips_blocks_drops_one_decoder_block_per_level_and_keeps_every_block_skip(mult, blocks, patch):
+    """skips="blocks": the decoder concatenates only the residual blocks' outputs, so it has
+    num_res_blocks blocks per level instead of num_res_blocks + 1; every one of them still sees an
+    encoder feature map, and the output keeps the input's shape."""
+    kw = dict(base_channels=8, channel_mult=mult, num_res_blocks=blocks, attention_resolutions=(), norm_groups=4, patch_size=patch)
+    full, lean = UNet(**kw), UNet(**kw, skips="blocks")
+    decoder_blocks = lambda m: [b for b in m.up if isinstance(b[0], ResBlock)]  # noqa: E731
+    assert len(decoder_blocks(full)) == len(mult) * (blocks + 1)
+    assert len(decoder_blocks(lean)) == len(mult) * blocks
+    assert count_parameters(lean) < count_parameters(full)
+    in_chs = [b[0].conv1.in_channels for b in decoder_blocks(lean)]
+    widths = [8 * m for m in reversed(mult) for _ in range(blocks)]
+    assert all(c > w for c, w in zip(in_chs, widths))  # each takes the previous block's output plus a skip
+    x = torch.randn(2, 1, 28, 28, requires_grad=True)
+    out = lean(x, torch.tensor([0, 999]), torch.tensor([3, 10]))
+    assert out.shape == x.shape
+    with pytest.raises(ValueError, match="skips"):
+        UNet(**kw, skips="none")
 
 
 def test_patch_2_runs_no_convolution_at_full_resolution():
