@@ -4,6 +4,8 @@ bench/scaling.py once parsed sys.argv by hand, so ``--help`` (or a typo) silentl
 full width x batch table, about 10 minutes of work."""
 
 import re
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -175,3 +177,32 @@ def test_mnist_judge_model_needs_a_model_file_and_a_draw_before_any_work(tmp_pat
                              capture_output=True, text=True, timeout=120)
         assert res.returncode != 0 and "needs an existing model.pt, at least one --draw" in res.stderr
         assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_time_to_quality_times_one_dvc_repro_stage_by_stage(tmp_path):
+    """bench/time_to_quality.py times the whole pipeline as one `dvc repro` (DVC starts once, as for
+    a user), splitting it at DVC's "Running stage" lines; a run where a stage was up to date is
+    refused, since its time would say nothing."""
+    import os
+    import shutil
+    import sys
+
+    import yaml
+
+    from bench import time_to_quality as ttq
+
+    dvc = shutil.which("dvc") or str(Path(sys.executable).parent / "dvc")
+    stages, prev = {}, None
+    for name in ttq.STAGES:  # a chain, each stage sleeping a little: the split must follow DVC's lines
+        stages[name] = {"cmd": f"python -c \"import time; time.sleep(0.3); open('{name}.out', 'w').write('x')\"",
+                        "outs": [f"{name}.out"], **({"deps": [f"{prev}.out"]} if prev else {})}
+        prev = name
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    subprocess.run([dvc, "init", "-q", "--no-scm"], cwd=tmp_path, check=True, capture_output=True)
+    env = {**os.environ, "PATH": f"{Path(dvc).parent}:{os.environ['PATH']}"}
+    times = ttq.timed_repro(tmp_path, env)
+    assert list(times) == [ttq.STARTUP, *ttq.STAGES]
+    assert all(times[s] >= 0.3 for s in ttq.STAGES) and times[ttq.STARTUP] > 0
+    with pytest.raises(SystemExit, match="not every stage"):
+        ttq.timed_repro(tmp_path, env)  # all up to date now
+    assert list(ttq.timed_repro(tmp_path, env, force=True)) == [ttq.STARTUP, *ttq.STAGES]
