@@ -28,10 +28,12 @@ def words(noun: str = "digit") -> dict[str, str]:
 
     Digits are both the images and the classes ("the hardest digit", "real digits"); for other
     datasets an image is an ``noun`` and a class a "class" ("the hardest class", "real images").
+    ``judge`` is the name of the CLIP the pipeline trains on the data: digit-clip for digits, else
+    dataset-clip (the same judge under its dataset-neutral alias).
     """
     if noun == "digit":
-        return {"item": "digit", "items": "digits", "cls": "digit", "classes": "digits"}
-    return {"item": noun, "items": noun + "s", "cls": "class", "classes": "classes"}
+        return {"item": "digit", "items": "digits", "cls": "digit", "classes": "digits", "judge": "digit-clip"}
+    return {"item": noun, "items": noun + "s", "cls": "class", "classes": "classes", "judge": "dataset-clip"}
 
 
 def _save(fig, path: Path) -> Path:

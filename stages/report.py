@@ -290,11 +290,8 @@ def section_clip(judges: list[str], m_eval: dict, m_clip: dict, eval_dir: Path, 
         "CLIP score = 100 · max(cos(image, prompt), 0) (the torchmetrics convention), averaged over the "
         f"{len(templates)} prompt templates of the requested class. Zero-shot accuracy: the class whose prompts score "
         f"highest is the requested one. Real held-out {items}, judged the same way, are the ceiling a judge can "
-        + (
-            "reach. digit-clip is a small CLIP trained by the pipeline "
-            if noun == "digit"
-            else f"reach. digit-clip, the dataset CLIP, is a small CLIP trained by the pipeline on this dataset's {items} and captions "
-        )
+        + f"reach. {R.words(noun)['judge']} is a small CLIP trained by the pipeline "
+        + ("" if noun == "digit" else f"on this dataset's {items} and captions ")
         + f"(zero-shot accuracy on real test {items} {m_clip['zero_shot_accuracy_test']:.1%})."
         + ("" if noun == "digit" else f" The prompts of the first class: {', '.join(repr(t) for t in class_prompts(prompt_names[:1], templates)[0])}.")
         + "\n",
@@ -353,7 +350,7 @@ def section_sweep(sweep: pd.DataFrame | None, m_sample: dict, per_class: int, no
     items = R.words(noun)["items"]
     return md + [
         f"{int(sweep['images'].iloc[0])} {items} per setting ({per_class} per class), judged by "
-        f"{'digit-clip' if noun == 'digit' else 'dataset-clip (the CLIP `train_clip` trained on this data)'}; the Frechet "
+        f"{R.words(noun)['judge']}{'' if noun == 'digit' else ' (the CLIP `train_clip` trained on this data)'}; the Frechet "
         f"distance is to real test {items} (lower = closer to real, a proxy for diversity and realism). "
         "Guidance: eps = eps_cond + w (eps_cond - eps_uncond), w = 0 being the purely conditional model, "
         f"applied where t/T is in [{lo:g}, {hi:g}] (`sample.guidance_interval`), as in the samples.\n",
@@ -387,13 +384,17 @@ def runs_index(path: Path) -> pd.DataFrame:
     if "tags.stage.evaluate" in df:
         df = df[df["tags.stage.evaluate"] == "done"]
     out = pd.DataFrame({"run": df["run_id"].str[:8], "started": pd.to_datetime(df["start_time"]).dt.strftime("%Y-%m-%d %H:%M")})
+    for col in [c for c in RUN_COLUMNS if c.startswith("metrics.evaluate/digit-clip/")]:  # a run that listed the
+        other = col.replace("digit-clip", "dataset-clip")  # trained judge as dataset-clip logged it under that name
+        if other in df:
+            df[col] = df[col].combine_first(df[other]) if col in df else df[other]
     for col, name in RUN_COLUMNS.items():
         out[name] = df[col].values if col in df else ""
     out = out.fillna("")
     text = (
         "# Runs in the tracking database\n\n"
         f"Tracking URI: `{tracking.display_uri()}`, experiment `{tracking.EXPERIMENT}`. Newest first; "
-        "accuracy and FD are digit-clip's. Open them side by side with "
+        "accuracy and FD are the dataset CLIP's (digit-clip, alias dataset-clip). Open them side by side with "
         "`mlflow ui --backend-store-uri sqlite:///mlflow.db`.\n\n" + R.md_table(out, ".4g") + "\n"
     )
     path.write_text(text)

@@ -60,6 +60,18 @@ def test_judge_section_writes_its_figures_and_table(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clip_ViT-B-32__laion.png", "confusion_ViT-B-32__laion.png"]
 
 
+@pytest.mark.parametrize("noun, judge", [("digit", "digit-clip"), ("image", "dataset-clip")])
+def test_clip_section_names_the_trained_judge_for_the_data(tmp_path, noun, judge):
+    """The CLIP the pipeline trains is digit-clip on digits and dataset-clip on any other data,
+    never 'digit-clip' for clothes; its real-test accuracy is the ceiling stated."""
+    md = S.section_clip([], {}, {"zero_shot_accuracy_test": 0.849}, tmp_path, ["T-shirt/top"], ("a photo of {a} {name}.",), noun, tmp_path)
+    intro = md[1]
+    assert f"reach. {judge} is a small CLIP trained by the pipeline " in intro
+    assert f"(zero-shot accuracy on real test {noun}s 84.9%)" in intro
+    assert ("digit-clip" in intro) == (noun == "digit")
+    assert ("'a photo of a T-shirt/top.'" in intro) == (noun != "digit")  # other data: the prompts are shown
+
+
 class PixelJudge:
     """A judge that reads its answer off the image: class round(10 * first pixel)."""
 
@@ -191,3 +203,27 @@ def test_model_and_forward_sections_describe_the_built_network(tmp_path, predict
         fwd = S.section_forward(torch.zeros(1, 28, 28), diffusion, "linear", "image", tmp_path, 0)
         assert fwd[1].startswith("A real test image noised with") and "under the run's linear schedule" in fwd[1]
         assert (tmp_path / "forward.png").is_file()
+
+
+def test_runs_index_reads_the_trained_judge_under_either_name(tmp_path, monkeypatch):
+    """runs.md lists every evaluated run with its judged accuracy, worst class and FD, whether the run
+    listed the trained judge as digit-clip or as its alias dataset-clip (the non-digit presets do)."""
+    import mlflow
+
+    from diffusion_core import tracking
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(tracking.EXPERIMENT)
+    for judge, acc, fd in (("digit-clip", 0.97, 0.017), ("dataset-clip", 0.83, 0.021)):
+        with mlflow.start_run():
+            mlflow.set_tag("stage.evaluate", "done")
+            mlflow.log_metrics({f"evaluate/{judge}/accuracy_generated": acc, f"evaluate/{judge}/worst_class_accuracy": acc - 0.1,
+                                f"evaluate/{judge}/frechet_distance": fd})
+    with mlflow.start_run():  # never evaluated: not listed
+        mlflow.set_tag("stage.evaluate", "running")
+    out = S.runs_index(tmp_path / "runs.md")
+    assert sorted(out["accuracy"]) == [0.83, 0.97]  # newest first: dataset-clip's run, then digit-clip's
+    assert list(out["FD"]) == [0.021, 0.017] and list(out["worst class"]) == pytest.approx([0.73, 0.87])
+    assert "| 0.83 |" in (tmp_path / "runs.md").read_text()
