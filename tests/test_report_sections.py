@@ -5,6 +5,7 @@ says what its inputs say.
 """
 
 import math
+import time
 
 import numpy as np
 import pandas as pd
@@ -205,25 +206,28 @@ def test_model_and_forward_sections_describe_the_built_network(tmp_path, predict
         assert (tmp_path / "forward.png").is_file()
 
 
-def test_runs_index_reads_the_trained_judge_under_either_name(tmp_path, monkeypatch):
+def test_runs_index_reads_the_trained_judge_under_either_name(tmp_path):
     """runs.md lists every evaluated run with its judged accuracy, worst class and FD, whether the run
     listed the trained judge as digit-clip or as its alias dataset-clip (the non-digit presets do)."""
     import mlflow
+    from mlflow.tracking import MlflowClient
 
     from diffusion_core import tracking
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(tracking.EXPERIMENT)
+    client = MlflowClient(tracking_uri=uri)  # no global MLflow state is touched but the URI, reset below
+    exp = client.create_experiment(tracking.EXPERIMENT)
     for judge, acc, fd in (("digit-clip", 0.97, 0.017), ("dataset-clip", 0.83, 0.021)):
-        with mlflow.start_run():
-            mlflow.set_tag("stage.evaluate", "done")
-            mlflow.log_metrics({f"evaluate/{judge}/accuracy_generated": acc, f"evaluate/{judge}/worst_class_accuracy": acc - 0.1,
-                                f"evaluate/{judge}/frechet_distance": fd})
-    with mlflow.start_run():  # never evaluated: not listed
-        mlflow.set_tag("stage.evaluate", "running")
-    out = S.runs_index(tmp_path / "runs.md")
-    assert sorted(out["accuracy"]) == [0.83, 0.97]  # newest first: dataset-clip's run, then digit-clip's
+        run = client.create_run(exp, tags={"stage.evaluate": "done"})
+        for key, value in (("accuracy_generated", acc), ("worst_class_accuracy", acc - 0.1), ("frechet_distance", fd)):
+            client.log_metric(run.info.run_id, f"evaluate/{judge}/{key}", value)
+        time.sleep(0.01)  # distinct start times: newest first is well defined
+    client.create_run(exp, tags={"stage.evaluate": "running"})  # never evaluated: not listed
+    mlflow.set_tracking_uri(uri)
+    try:
+        out = S.runs_index(tmp_path / "runs.md")
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert list(out["accuracy"]) == [0.83, 0.97]  # newest first: dataset-clip's run, then digit-clip's
     assert list(out["FD"]) == [0.021, 0.017] and list(out["worst class"]) == pytest.approx([0.73, 0.87])
     assert "| 0.83 |" in (tmp_path / "runs.md").read_text()
