@@ -251,11 +251,11 @@ def time_to_quality(args, network: str, splits: dict, speed: Speed, evaluate: Ev
 
 def save_grid(images: torch.Tensor, labels: torch.Tensor, path: Path, per_class: int = 10) -> None:
     """A PNG of up to ``per_class`` of ``images`` ([-1, 1]) for each class, one row per class."""
-    from torchvision.utils import save_image
+    from diffusion_core.images import save_grid as write_grid
 
     by_class = [images[labels == c] for c in range(int(labels.max()) + 1)]
     n = min(per_class, *(len(x) for x in by_class))  # as many of each class, so each row is one class
-    save_image(torch.cat([x[:n] for x in by_class]), path, nrow=n, normalize=True, value_range=(-1, 1))
+    write_grid(torch.cat([x[:n] for x in by_class]).cpu(), path, nrow=n)
 
 
 def judge_evaluate(dataset: str = "mnist") -> Evaluate:

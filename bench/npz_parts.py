@@ -41,9 +41,10 @@ def split(src: Path, out: Path, parts: int) -> list[Path]:
     with np.load(src, allow_pickle=False) as f:
         arrays = {k: f[k] for k in f.files}
     out.mkdir(parents=True, exist_ok=True)
+    runs = {key: np.array_split(a, parts) if a.ndim else [a] for key, a in arrays.items()}  # a 0-d array: part 1 only
     paths = []
     for k in range(parts):
-        chunk = {key: (np.array_split(a, parts)[k] if a.ndim else a) for key, a in arrays.items() if a.ndim or k == 0}
+        chunk = {key: r[k] for key, r in runs.items() if k < len(r)}
         paths.append(out / f"part{k + 1}.npz")
         _write(paths[-1], chunk)
     (out / INDEX).write_text(json.dumps({"source": src.name, "parts": [p.name for p in paths], "keys": list(arrays)}))

@@ -5,10 +5,11 @@
 
 Copies the project into a temporary git + DVC repo, runs one `dvc repro` of the whole pipeline there,
 as a user does, and times it stage by stage from DVC's own "Running stage" lines (so each stage's
-time includes DVC's work for it; "dvc start-up" is the time before the first stage), then judges samples/samples.npz with the MNIST CNN of bench/mnist_judge.py: overall and worst-digit
-accuracy, and the Frechet distance in the CNN's feature space against the same number of real test
-digits (and, for scale, between two real sets of that size). ``fd_all_test`` measures it against all
-10,000 test digits instead, where no draw of the reference moves it, beside its floor: as many
+time includes DVC's work for it; "dvc start-up" is the time before the first stage), then judges
+samples/samples.npz with the MNIST CNN of bench/mnist_judge.py: overall and worst-digit accuracy,
+and the Frechet distance in the CNN's feature space against the same number of real test digits
+(and, for scale, between two real sets of that size). ``fd_all_test`` measures it against all 10,000
+test digits instead, where no draw of the reference moves it, beside its floor: as many
 real training digits, with the generated set's count of each digit (bench/mnist_judge.quality).
 ``digit_clip_test_accuracy`` is the pipeline's own judge, digit-clip, on its real test digits
 (reports/metrics/train_clip.json).

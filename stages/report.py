@@ -26,7 +26,7 @@ import typer
 from diffusion_core import report as R
 from diffusion_core import tracking
 from diffusion_core.checkpoint import load_model
-from diffusion_core.clip_judge import class_prompts, slug  # open_clip is imported lazily there, never here
+from diffusion_core.clip_judge import TRAINED_ENTRIES, class_prompts, slug  # open_clip is imported lazily there, never here
 from diffusion_core.config import load_config
 from diffusion_core.data import DATASETS, dataset_prompts, load_split, to_model_range
 from diffusion_core.unet import count_parameters
@@ -284,13 +284,14 @@ def section_training(train_df: pd.DataFrame, val_df: pd.DataFrame, m_train: dict
 def section_clip(judges: list[str], m_eval: dict, m_clip: dict, eval_dir: Path, prompt_names: list[str],
                  templates: tuple[str, ...], noun: str, fig_dir: Path) -> list[str]:
     """6. CLIP evaluation: how the judges score, then one subsection per judge from ``eval_dir/<slug>``."""
-    items = R.words(noun)["items"]
+    w = R.words(noun)
+    items = w["items"]
     md = [
         "## 6. CLIP evaluation\n",
         "CLIP score = 100 · max(cos(image, prompt), 0) (the torchmetrics convention), averaged over the "
         f"{len(templates)} prompt templates of the requested class. Zero-shot accuracy: the class whose prompts score "
         f"highest is the requested one. Real held-out {items}, judged the same way, are the ceiling a judge can "
-        + f"reach. {R.words(noun)['judge']} is a small CLIP trained by the pipeline "
+        + f"reach. {w['judge']} is a small CLIP trained by the pipeline "
         + ("" if noun == "digit" else f"on this dataset's {items} and captions ")
         + f"(zero-shot accuracy on real test {items} {m_clip['zero_shot_accuracy_test']:.1%})."
         + ("" if noun == "digit" else f" The prompts of the first class: {', '.join(repr(t) for t in class_prompts(prompt_names[:1], templates)[0])}.")
@@ -347,10 +348,11 @@ def section_sweep(sweep: pd.DataFrame | None, m_sample: dict, per_class: int, no
         return md + ["No sweep results (run the `sweep` stage).\n"]
     R.sweep_plot(sweep, fig_dir / "sweep.png")
     lo, hi = m_sample.get("guidance_interval", [0.0, 1.0])
-    items = R.words(noun)["items"]
+    w = R.words(noun)
+    items = w["items"]
     return md + [
         f"{int(sweep['images'].iloc[0])} {items} per setting ({per_class} per class), judged by "
-        f"{R.words(noun)['judge']}{'' if noun == 'digit' else ' (the CLIP `train_clip` trained on this data)'}; the Frechet "
+        f"{w['judge']}{'' if noun == 'digit' else ' (the CLIP `train_clip` trained on this data)'}; the Frechet "
         f"distance is to real test {items} (lower = closer to real, a proxy for diversity and realism). "
         "Guidance: eps = eps_cond + w (eps_cond - eps_uncond), w = 0 being the purely conditional model, "
         f"applied where t/T is in [{lo:g}, {hi:g}] (`sample.guidance_interval`), as in the samples.\n",
@@ -384,10 +386,11 @@ def runs_index(path: Path) -> pd.DataFrame:
     if "tags.stage.evaluate" in df:
         df = df[df["tags.stage.evaluate"] == "done"]
     out = pd.DataFrame({"run": df["run_id"].str[:8], "started": pd.to_datetime(df["start_time"]).dt.strftime("%Y-%m-%d %H:%M")})
-    for col in [c for c in RUN_COLUMNS if c.startswith("metrics.evaluate/digit-clip/")]:  # a run that listed the
-        other = col.replace("digit-clip", "dataset-clip")  # trained judge as dataset-clip logged it under that name
-        if other in df:
-            df[col] = df[col].combine_first(df[other]) if col in df else df[other]
+    first, *aliases = TRAINED_ENTRIES  # a run that listed the trained judge by an alias logged it under that name
+    for col in [c for c in RUN_COLUMNS if c.startswith(f"metrics.evaluate/{first}/")]:
+        for other in (col.replace(first, alias) for alias in aliases):
+            if other in df:
+                df[col] = df[col].combine_first(df[other]) if col in df else df[other]
     for col, name in RUN_COLUMNS.items():
         out[name] = df[col].values if col in df else ""
     out = out.fillna("")
