@@ -1,6 +1,6 @@
 """Where the time of a default run goes, part by part: one training step of the diffusion model,
 the per-epoch extras, one digit-clip step (with and without the compact vocabulary), and the
-MLflow start-up that every stage pays.
+imports every stage's fresh process pays (torch, torch._dynamo, open_clip, MLflow).
 
     python bench/step_parts.py [--rounds 20] [--profile 20]   # --profile: both steps by operator (torch.profiler)
 
@@ -12,6 +12,7 @@ params.yaml's split of its dataset; the Trainer and digit-clip are built as the 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import subprocess
 import sys
@@ -132,23 +133,37 @@ def operator_profile(step, steps: int, top: int = 12, group: str = "convolution"
                    {"operator": "all operators", "self_ms_per_step": total, "share": 1.0}]
 
 
-MLFLOW_START = """
-import time, sys
+STARTUP = """
+import json, sys, time
+ms = {}
+t = time.perf_counter()
+import torch
+ms["import torch"] = (time.perf_counter() - t) * 1000
+t = time.perf_counter()
+import torch._dynamo
+ms["import torch._dynamo (torch.optim's Optimizer and open_clip's torchvision.ops import it)"] = (time.perf_counter() - t) * 1000
+t = time.perf_counter()
+import open_clip
+ms["import open_clip, after torch._dynamo"] = (time.perf_counter() - t) * 1000
 t = time.perf_counter()
 import mlflow
 mlflow.set_tracking_uri(sys.argv[1])
 mlflow.set_experiment("step-parts")
-print((time.perf_counter() - t) * 1000)
+ms["import mlflow + open its SQLite store"] = (time.perf_counter() - t) * 1000
+print(json.dumps(ms))
 """
 
 
-def mlflow_start(rounds: int) -> dict[str, list[float]]:
-    """``import mlflow`` and opening an existing SQLite store, in a fresh process (as a stage does)."""
+def stage_startup(rounds: int) -> dict[str, list[float]]:
+    """What a stage's fresh process pays before it works, import by import in the order the stages
+    import them (torch, what torch.optim and open_clip pull in, open_clip, then MLflow opening an
+    existing SQLite store); the train stage pays all but open_clip, evaluate and sweep all of them."""
     with tempfile.TemporaryDirectory() as d:
         uri = f"sqlite:///{d}/mlflow.db"
-        run = lambda: float(subprocess.run([sys.executable, "-c", MLFLOW_START, uri], capture_output=True, text=True, check=True).stdout.split()[-1])  # noqa: E731
+        run = lambda: json.loads(subprocess.run([sys.executable, "-c", STARTUP, uri], capture_output=True, text=True, check=True).stdout.splitlines()[-1])  # noqa: E731
         run()  # creates the database and the experiment
-        return {"stage start-up: import mlflow + open its SQLite store": [run() for _ in range(min(rounds, 5))]}
+        runs = [run() for _ in range(min(rounds, 5))]
+    return {f"stage start-up: {k}": [r[k] for r in runs] for k in runs[0]}
 
 
 def main() -> None:
@@ -163,7 +178,7 @@ def main() -> None:
     cfg = load_config(args.params)
     d = cfg.data
     splits = build_splits(d.source, d.root, cfg.seed, d.val_fraction, d.test_fraction, d.download, d.limit)
-    times = {**trainer_parts(cfg, splits, args.rounds), **interleaved(digit_clip_steps(cfg, splits), args.rounds), **mlflow_start(args.rounds)}
+    times = {**trainer_parts(cfg, splits, args.rounds), **interleaved(digit_clip_steps(cfg, splits), args.rounds), **stage_startup(args.rounds)}
     rows = [{"part": k, "rounds": len(v), "median_ms": statistics.median(v), "min_ms": min(v), "max_ms": max(v)} for k, v in times.items()]
     print(f"Machine: {machine()}")
     profile = f" --profile {args.profile}" if args.profile else ""

@@ -129,6 +129,28 @@ def test_seeds_refuses_bad_arguments_before_training(argv, message, capsys):
     assert message in str(exc.value) + captured.out + captured.err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--layouts", "2"], "--layouts: expected PROCESSESxTHREADS such as 2x1, got '2'"),
+    (["--layouts", "1x2,0x1"], "--layouts: processes and threads must be >= 1, got '0x1'"),
+    (["--epochs", "0"], "--epochs must be >= 1, got 0"),
+    (["--rounds", "0"], "--rounds must be >= 1, got 0"),
+    (["--isa", "sse2"], "invalid choice: 'sse2'"),
+])
+def test_processes_refuses_bad_arguments_before_training(argv, message, capsys):
+    from bench import processes
+
+    with pytest.raises(SystemExit) as exc:
+        processes.parse_args(argv)
+    captured = capsys.readouterr()
+    assert message in str(exc.value) + captured.out + captured.err
+
+
+def test_processes_reads_layouts_as_processes_by_threads():
+    from bench import processes
+
+    assert processes.parse_args(["--layouts", "1x2,2x1,4X2"]).layout_list == [(1, 2), (2, 1), (4, 2)]
+
+
 def test_seeds_defaults_to_params_yaml_sampler_settings():
     from bench import seeds
     from diffusion_core.config import load_config
