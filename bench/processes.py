@@ -4,7 +4,7 @@
 
 A layout PxT runs the train stage as P processes of T threads each: ``python -m stages.train`` for
 P = 1, ``torchrun --standalone --nproc_per_node=P -m stages.train`` otherwise, with
-``train.num_threads=T``. In a copy of the project (prepared once), the layouts run in turn, ``rounds``
+``OMP_NUM_THREADS=T`` (``train.num_threads`` held at 0: torch's default, which follows it). In a copy of the project (prepared once), the layouts run in turn, ``rounds``
 times, each from scratch at ``--epochs`` epochs of params.yaml's recipe otherwise. The table has the
 median of the train stage's own images/s (reports/metrics/train.json: steps, validation and grids,
 not the imports) and of the command's wall time, and the final training loss, which says whether
@@ -46,7 +46,7 @@ def train_once(dst: Path, env: dict, processes: int, threads: int) -> dict:
     shutil.rmtree(dst / "models", ignore_errors=True)
     stage = ["-m", "stages.train"]
     cmd = [sys.executable, *stage] if processes == 1 else [
-        str(Path(sys.executable).parent / "torchrun"), "--standalone", f"--nproc_per_node={processes}", *stage]
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", *stage]  # torchrun
     env = {**env, "OMP_NUM_THREADS": str(threads)}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=dst, env=env, capture_output=True, text=True)

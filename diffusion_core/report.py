@@ -18,6 +18,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 import torch  # noqa: E402
 
+from diffusion_core.clip_judge import TRAINED_ENTRIES  # noqa: E402
 from diffusion_core.images import make_grid  # noqa: E402
 
 sns.set_theme(style="whitegrid", context="notebook")
@@ -32,8 +33,8 @@ def words(noun: str = "digit") -> dict[str, str]:
     dataset-clip (the same judge under its dataset-neutral alias).
     """
     if noun == "digit":
-        return {"item": "digit", "items": "digits", "cls": "digit", "classes": "digits", "judge": "digit-clip"}
-    return {"item": noun, "items": noun + "s", "cls": "class", "classes": "classes", "judge": "dataset-clip"}
+        return {"item": "digit", "items": "digits", "cls": "digit", "classes": "digits", "judge": TRAINED_ENTRIES[0]}
+    return {"item": noun, "items": noun + "s", "cls": "class", "classes": "classes", "judge": TRAINED_ENTRIES[1]}
 
 
 def _save(fig, path: Path) -> Path:
