@@ -157,7 +157,8 @@ print(json.dumps(ms))
 def stage_startup(rounds: int) -> dict[str, list[float]]:
     """What a stage's fresh process pays before it works, import by import in the order the stages
     import them (torch, what torch.optim and open_clip pull in, open_clip, then MLflow opening an
-    existing SQLite store); the train stage pays all but open_clip, evaluate and sweep all of them."""
+    existing SQLite store); the train stage pays all but open_clip, evaluate all of them
+    (docs/results/cpu-without-amx.md lists each stage's)."""
     with tempfile.TemporaryDirectory() as d:
         uri = f"sqlite:///{d}/mlflow.db"
         run = lambda: json.loads(subprocess.run([sys.executable, "-c", STARTUP, uri], capture_output=True, text=True, check=True).stdout.splitlines()[-1])  # noqa: E731
