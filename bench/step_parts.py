@@ -1,6 +1,8 @@
 """Where the time of a default run goes, part by part: one training step of the diffusion model,
 the per-epoch extras, one digit-clip step (with and without the compact vocabulary), and the
-imports every stage's fresh process pays (torch, torch._dynamo, open_clip, MLflow).
+imports every stage's fresh process pays (torch, torch._dynamo, open_clip, MLflow), and how many
+floating-point operations a training step's forward + backward does against the rate a large matrix
+product reaches on the same threads (how close the step already runs to what the CPU can do).
 
     python bench/step_parts.py [--rounds 20] [--profile 20]   # --profile: both steps by operator (torch.profiler)
 
@@ -54,17 +56,19 @@ def warm_trainer(cfg, splits, out: str):
     return tr, x, y
 
 
+def forward_backward(tr, x, y) -> None:
+    """The forward and backward pass as Trainer._train_step runs them: compiled and under autocast where
+    params.yaml resolves so."""
+    with autocast_to(tr.device.type, tr.amp_dtype):
+        loss = tr.diffusion(tr.net, x, y, tr.tc.cond_drop_prob, tr.noise_gen)
+    tr.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+
+
 def _trainer_parts(cfg, splits, rounds: int, out: str) -> dict[str, list[float]]:
     tr, x, y = warm_trainer(cfg, splits, out)
-
-    def forward_backward():  # as Trainer._train_step runs it: compiled and under autocast where params.yaml resolves so
-        with autocast_to(tr.device.type, tr.amp_dtype):
-            loss = tr.diffusion(tr.net, x, y, tr.tc.cond_drop_prob, tr.noise_gen)
-        tr.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-
     parts = {
-        "diffusion step: forward + backward": forward_backward,
+        "diffusion step: forward + backward": lambda: forward_backward(tr, x, y),
         "diffusion step: gradient clipping": lambda: torch.nn.utils.clip_grad_norm_(tr.model.parameters(), tr.tc.grad_clip, foreach=True),
         "diffusion step: optimizer + lr schedule": lambda: (tr.optimizer.step(), tr.scheduler.step()),
         "diffusion step: EMA": lambda: ema_update(tr.ema, tr.model, tr.step, tr.tc.ema_decay),
@@ -74,6 +78,25 @@ def _trainer_parts(cfg, splits, rounds: int, out: str) -> dict[str, list[float]]
         "per epoch: checkpoint": tr.save_checkpoint,
     }
     return interleaved(parts, rounds)
+
+
+def arithmetic_rate(cfg, splits, rounds: int) -> list[dict]:
+    """A training step's forward + backward in GFLOP (torch's FlopCounterMode: convolutions and matrix
+    products) and the rate it runs at, beside a 1024^3 float32 matrix product's rate on the same threads."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with tempfile.TemporaryDirectory() as out:
+        tr, x, y = warm_trainer(cfg, splits, out)
+        with FlopCounterMode(display=False) as counter:
+            forward_backward(tr, x, y)
+        step_flop = counter.get_total_flops()
+        a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+        times = interleaved({"step": lambda: forward_backward(tr, x, y), "matmul": lambda: a @ b}, rounds)
+    rate = lambda flop, key: flop / statistics.median(times[key]) / 1e6  # noqa: E731  (ms -> GFLOP/s)
+    return [{"work": "training step: forward + backward", "GFLOP": step_flop / 1e9, "median_ms": statistics.median(times["step"]),
+             "GFLOP/s": rate(step_flop, "step")},
+            {"work": "float32 matrix product 1024 x 1024 x 1024", "GFLOP": 2 * 1024**3 / 1e9,
+             "median_ms": statistics.median(times["matmul"]), "GFLOP/s": rate(2 * 1024**3, "matmul")}]
 
 
 def digit_clip_steps(cfg, splits) -> dict:
@@ -186,6 +209,8 @@ def main() -> None:
     print(f"Command: `python bench/step_parts.py --rounds {args.rounds}{profile}` ({d.source}, batch {cfg.train.batch_size}, "
           f"digit-clip batch {cfg.clip.digit_clip_batch_size})\n")
     print(md_table(rows))
+    print("\nArithmetic: a step's operations (torch.utils.flop_counter) and the rate they run at, beside a large matrix product's:\n")
+    print(md_table(arithmetic_rate(cfg, splits, args.rounds)))
     if args.profile:
         with tempfile.TemporaryDirectory() as out:
             print(f"\nA training step by operator (self CPU time, {args.profile} profiled steps):\n")
