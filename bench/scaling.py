@@ -1,7 +1,7 @@
 """Training throughput and peak memory against batch size and model width (CPU, or CUDA if present).
 
     python bench/scaling.py                 # the table
-    python bench/scaling.py --levers [--repeats 3] [--only conditioning,bf16]   # speed levers at the default model:
+    python bench/scaling.py --levers [--repeats 3] [--batch 32] [--only conditioning,bf16]   # speed levers at the default model:
                                             # memory format, fused AdamW, bf16, compile, block conditioning, ...
     python bench/scaling.py --dataset cifar10   # 3x32x32 at the default width, batch 32 (random data)
 
@@ -93,15 +93,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     what.add_argument("--dataset", choices=sorted(DATASETS), help="one row at the default width, batch 32, on this dataset's image shape")
     what.add_argument("--one", metavar="SPEC", help=argparse.SUPPRESS)  # a row in its own process (internal)
     ap.add_argument("--repeats", type=int, default=None, help="--levers: rounds over all variants (default 3)")
+    ap.add_argument("--batch", type=int, default=None, help="--levers: the batch size of every variant (default 32, the recorded tables')")
     ap.add_argument("--only", default=None, metavar="A,B", help="--levers: only the variants whose names contain one of these (params.yaml's row always runs)")
     ap.add_argument("--isa", choices=ISAS, default="native",
                     help="avx2: every row with ATen and oneDNN held to AVX2, as on a CPU without AVX-512 or AMX")
     args = ap.parse_args(argv)
-    if (args.repeats is not None or args.only is not None) and not args.levers:
-        ap.error("--repeats and --only go with --levers")
-    if args.repeats is not None and args.repeats < 1:
-        ap.error(f"--repeats must be >= 1, got {args.repeats}")
+    if (args.repeats is not None or args.only is not None or args.batch is not None) and not args.levers:
+        ap.error("--repeats, --only and --batch go with --levers")
+    for flag in ("repeats", "batch"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            ap.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     args.repeats = args.repeats or 3
+    args.batch = args.batch or 32
     return args
 
 
@@ -129,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
             cmd += " (random uint8 images of CIFAR-10's shape with random horizontal flips; attention at 8x8)"
     elif args.levers:
         repeats = args.repeats
-        base = {"width": ModelConfig().base_channels, "batch": 32, "isa": args.isa}
+        base = {"width": ModelConfig().base_channels, "batch": args.batch, "isa": args.isa}
         full_res = {"width": 16, "model": {"patch_size": 1, "channel_mult": [1, 2, 2], "attention_resolutions": [7]}}
         # Each row pins what its name says, so it means the same on any machine; the first is params.yaml
         # as this machine resolves it (train.compile/precision auto: compiled bf16 in NCHW on a CPU with AMX).
@@ -145,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
             ("bf16 autocast, eager (NCHW)", {"train": {"precision": "bf16", "compile": False, "memory_format": "contiguous"}}),
             ("bf16 autocast, eager, channels_last", {"train": {"precision": "bf16", "compile": False, "memory_format": "channels_last"}}),
             ("torch.compile, float32, channels_last", {"train": {"precision": "fp32", "compile": True, "memory_format": "channels_last"}}),
+            ("torch.compile, float32 (NCHW)", {"train": {"precision": "fp32", "compile": True, "memory_format": "contiguous"}}),
             ("torch.compile, bf16 autocast (NCHW)", {"train": BF16_COMPILED}),
             ("torch.compile, bf16 autocast, channels_last", {"train": {"precision": "bf16", "compile": True, "memory_format": "channels_last"}}),
             ("torch.compile, bf16 autocast (NCHW), default mode (no C++ wrapper)", {"train": {**BF16_COMPILED, "compile_mode": "default"}}),
@@ -193,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
             med = {k: statistics.median(r[k] for r in runs[name]) for k in ("steps_per_s", "images_per_s", "warmup_s", "peak_rss_mib")}
             rows.append({"variant": name, "runs_as": runs[name][0]["runs_as"], "params": runs[name][0]["params"], **{k: round(v, 2) for k, v in med.items()},
                          "images_per_s_range": f"{min(ips):.0f}-{max(ips):.0f}", "vs_default": round(med["images_per_s"] / ref, 2)})
-        cmd = f"python bench/scaling.py --levers --repeats {repeats}"
+        cmd = f"python bench/scaling.py --levers --repeats {repeats}" + (f" --batch {args.batch}" if args.batch != 32 else "")
         if args.only:
             cmd += f" --only '{args.only}'"
     else:

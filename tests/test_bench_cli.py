@@ -16,7 +16,9 @@ from tests.conftest import REPO
 @pytest.mark.parametrize("argv, message", [
     (["--help"], "usage:"),
     (["--bogus"], "unrecognized arguments: --bogus"),
-    (["--repeats", "2"], "--repeats and --only go with --levers"),
+    (["--repeats", "2"], "--repeats, --only and --batch go with --levers"),
+    (["--batch", "64"], "--repeats, --only and --batch go with --levers"),
+    (["--levers", "--batch", "0"], "--batch must be >= 1, got 0"),
     (["--levers", "--repeats", "0"], "--repeats must be >= 1, got 0"),
     (["--dataset", "svhn"], "invalid choice: 'svhn'"),
     (["--levers", "--dataset", "mnist"], "not allowed with argument"),
