@@ -162,6 +162,9 @@ def main(argv: list[str] | None = None) -> None:
             ("1 thread", {"threads": 1}),
             ("shape: patch 1, width 16, 28->14->7 (full resolution, float32 eager NCHW, foreach)",
              {**full_res, "train": {**F32, "memory_format": "contiguous"}, "foreach_adamw": True}),
+            # Wider networks (the Fashion-MNIST preset's question, docs/results/fashion-mnist.md), eager and compiled
+            *[(f"width {w}{how}", {"width": w, **extra}) for w in (48, 64)
+              for how, extra in (("", {}), (" torch.compile float32 NCHW", {"train": {"precision": "fp32", "compile": True, "memory_format": "contiguous"}}))],
             ("conditioning add (linear, before 7g)", {"model": {"conditioning": "add"}}),
             ("conditioning silu_add", {"model": {"conditioning": "silu_add"}}),
         ]
