@@ -138,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
         # as this machine resolves it (train.compile/precision auto: compiled bf16 in NCHW on a CPU with AMX).
         F32 = {"precision": "fp32", "compile": False}
         BF16_COMPILED = {"precision": "bf16", "compile": True, "memory_format": "contiguous", "compile_mode": "cpp-wrapper"}  # auto's choice on AMX
+        F32_COMPILED = {"precision": "fp32", "compile": True, "memory_format": "contiguous"}
         variants = [
             ("params.yaml (patch 2, width 32, 14->7, scale-shift blocks; auto precision, compile and layout)", {}),
             ("float32 eager, channels_last (the previous default; auto's choice without AMX or a C++ compiler)",
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
             ("bf16 autocast, eager (NCHW)", {"train": {"precision": "bf16", "compile": False, "memory_format": "contiguous"}}),
             ("bf16 autocast, eager, channels_last", {"train": {"precision": "bf16", "compile": False, "memory_format": "channels_last"}}),
             ("torch.compile, float32, channels_last", {"train": {"precision": "fp32", "compile": True, "memory_format": "channels_last"}}),
-            ("torch.compile, float32 (NCHW)", {"train": {"precision": "fp32", "compile": True, "memory_format": "contiguous"}}),
+            ("torch.compile, float32 (NCHW)", {"train": F32_COMPILED}),
             ("torch.compile, bf16 autocast (NCHW)", {"train": BF16_COMPILED}),
             ("torch.compile, bf16 autocast, channels_last", {"train": {"precision": "bf16", "compile": True, "memory_format": "channels_last"}}),
             ("torch.compile, bf16 autocast (NCHW), default mode (no C++ wrapper)", {"train": {**BF16_COMPILED, "compile_mode": "default"}}),
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
              {**full_res, "train": {**F32, "memory_format": "contiguous"}, "foreach_adamw": True}),
             # Wider networks (the Fashion-MNIST preset's question, docs/results/fashion-mnist.md), eager and compiled
             *[(f"width {w}{how}", {"width": w, **extra}) for w in (48, 64)
-              for how, extra in (("", {}), (" torch.compile float32 NCHW", {"train": {"precision": "fp32", "compile": True, "memory_format": "contiguous"}}))],
+              for how, extra in (("", {}), (" torch.compile float32 NCHW", {"train": F32_COMPILED}))],
             ("conditioning add (linear, before 7g)", {"model": {"conditioning": "add"}}),
             ("conditioning silu_add", {"model": {"conditioning": "silu_add"}}),
         ]

@@ -93,7 +93,10 @@ def arithmetic_rate(cfg, splits, rounds: int) -> list[dict]:
         conv_flop = sum(v for k, v in counter.get_flop_counts()["Global"].items() if "convolution" in str(k))
         a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
         times = interleaved({"step": lambda: forward_backward(tr, x, y), "matmul": lambda: a @ b}, rounds)
-    rate = lambda flop, key: flop / statistics.median(times[key]) / 1e6  # noqa: E731  (ms -> GFLOP/s)
+
+    def rate(flop: float, key: str) -> float:  # GFLOP/s from a median in ms
+        return flop / statistics.median(times[key]) / 1e6
+
     return [{"work": "training step: forward + backward", "GFLOP": step_flop / 1e9, "of which convolutions": conv_flop / 1e9,
              "median_ms": statistics.median(times["step"]), "GFLOP/s": rate(step_flop, "step")},
             {"work": "float32 matrix product 1024 x 1024 x 1024", "GFLOP": 2 * 1024**3 / 1e9,
