@@ -32,7 +32,6 @@ from diffusion_core.data import DATASETS, build_splits, dataset_prompts, to_mode
 from diffusion_core.digit_clip import CompactVocabulary, arch_config, build, caption_tokens, random_shift, train_step  # noqa: E402
 from diffusion_core.digit_clip import make_optimizer as make_clip_optimizer  # noqa: E402
 from diffusion_core.optim import ema_update  # noqa: E402
-from diffusion_core.runtime import autocast_to  # noqa: E402
 from diffusion_core.trainer import Trainer  # noqa: E402
 
 
@@ -57,10 +56,8 @@ def warm_trainer(cfg, splits, out: str):
 
 
 def forward_backward(tr, x, y) -> None:
-    """The forward and backward pass as Trainer._train_step runs them: compiled and under autocast where
-    params.yaml resolves so."""
-    with autocast_to(tr.device.type, tr.amp_dtype):
-        loss = tr.diffusion(tr.net, x, y, tr.tc.cond_drop_prob, tr.noise_gen)
+    """The forward and backward pass of a Trainer step (Trainer.loss, then its gradients)."""
+    loss = tr.loss(x, y)
     tr.optimizer.zero_grad(set_to_none=True)
     loss.backward()
 

@@ -357,12 +357,17 @@ class Trainer:
         like the batch itself (:func:`random_hflip` with this rank's ``shard``)."""
         return random_hflip(x0, self.flip_gen, (self.rank, self.world)) if self.hflip else x0
 
+    def loss(self, x0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """This process's diffusion loss on its share of a batch, as training computes it: through the
+        (compiled, data-parallel) network, under autocast where the arithmetic resolved to it."""
+        with autocast_to(self.device.type, self.amp_dtype):
+            return self.diffusion(self.net, x0, y, self.tc.cond_drop_prob, self.noise_gen, shard=(self.rank, self.world))
+
     def _train_step(self, x0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One optimizer step; returns the global batch's loss, still on the device. Nothing here
         reads a value back from the device, so on a GPU the host queues the next step while this one
         runs; :meth:`fit` reads the losses in blocks (:meth:`_record_losses`)."""
-        with autocast_to(self.device.type, self.amp_dtype):
-            loss = self.diffusion(self.net, x0, y, self.tc.cond_drop_prob, self.noise_gen, shard=(self.rank, self.world))
+        loss = self.loss(x0, y)
         mean = self._mean_over_ranks(loss.detach())  # the global batch's loss; every rank sees it
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

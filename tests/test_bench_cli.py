@@ -13,6 +13,14 @@ from bench import digit_clip, scaling, vs_diffusers
 from tests.conftest import REPO
 
 
+def refusal(parse, argv, capsys) -> str:
+    """What ``parse(argv)`` said when it stopped (SystemExit): its message and what it printed."""
+    with pytest.raises(SystemExit) as exc:
+        parse(argv)
+    captured = capsys.readouterr()
+    return str(exc.value) + captured.out + captured.err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--help"], "usage:"),
     (["--bogus"], "unrecognized arguments: --bogus"),
@@ -24,10 +32,7 @@ from tests.conftest import REPO
     (["--levers", "--dataset", "mnist"], "not allowed with argument"),
 ])
 def test_scaling_refuses_bad_arguments(argv, message, capsys):
-    with pytest.raises(SystemExit):
-        scaling.parse_args(argv)
-    captured = capsys.readouterr()
-    assert message in captured.out + captured.err
+    assert message in refusal(scaling.parse_args, argv, capsys)
 
 
 def test_scaling_levers_only_must_match_a_variant(monkeypatch):
@@ -125,10 +130,7 @@ def test_same_outputs_refuses_an_unknown_revision_and_masks_only_what_differs_be
 def test_seeds_refuses_bad_arguments_before_training(argv, message, capsys):
     from bench import seeds
 
-    with pytest.raises(SystemExit) as exc:
-        seeds.parse_args(argv)
-    captured = capsys.readouterr()
-    assert message in str(exc.value) + captured.out + captured.err
+    assert message in refusal(seeds.parse_args, argv, capsys)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -141,10 +143,7 @@ def test_seeds_refuses_bad_arguments_before_training(argv, message, capsys):
 def test_processes_refuses_bad_arguments_before_training(argv, message, capsys):
     from bench import processes
 
-    with pytest.raises(SystemExit) as exc:
-        processes.parse_args(argv)
-    captured = capsys.readouterr()
-    assert message in str(exc.value) + captured.out + captured.err
+    assert message in refusal(processes.parse_args, argv, capsys)
 
 
 def test_processes_reads_layouts_as_processes_by_threads():
